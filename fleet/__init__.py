@@ -1,0 +1,1 @@
+"""The fleet protocol both the agent and the coordinator speak: topics, messages, codec, sealing."""

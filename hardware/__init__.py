@@ -1,0 +1,1 @@
+"""Board profiles, detection and sensors (sysfs readers that take a root path)."""
