@@ -10,7 +10,10 @@ TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
 # Debian packages: a compiler and CMake for llama.cpp, Mosquitto for the broker tests,
 # systemd-analyze for the unit tests, libsystemd-dev for the journal extra.
-DEB_PACKAGES := build-essential cmake pkg-config git mosquitto mosquitto-clients systemd libsystemd-dev ccache
+# gcc/g++-aarch64-linux-gnu and qemu-user cross-compile llama.cpp for the Pi profiles and run it under
+# emulated Cortex-A72/A76 cores (tests/hardware/test_crossbuild.py).
+DEB_PACKAGES := build-essential cmake pkg-config git mosquitto mosquitto-clients systemd libsystemd-dev ccache \
+	gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user openssl
 # llama-cpp-python is compiled; keep pip's wheel cache so reinstalls take seconds.
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 

@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agent.errors import ConfigError
+from agent.train.kinds import GradSampleMode
+from agent.train.privacy import PRESETS, Accountant, Budget, PrivacyPreset
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -240,8 +242,9 @@ class HardwareConfig(Section):
     """Where ``/proc``, ``/sys`` and ``/etc`` are read (a fake tree in tests)."""
     ignore_thermal_zones: tuple[str, ...] = ()
     """Thermal zone types to ignore besides the profile's own."""
-    use_jtop: bool = True
-    """Read Jetson power rails through jetson-stats when it is installed and its service runs."""
+    use_jtop: bool = False
+    """Read Jetson power rails through jetson-stats (AGPL, optional) when it is installed and its
+    service runs, instead of the INA3221 hwmon files (which give the same rails without a socket)."""
 
     @model_validator(mode="after")
     def _known_profile(self) -> HardwareConfig:
@@ -296,6 +299,142 @@ class SchedulerConfig(Section):
         return self
 
 
+class TrainConfig(Section):
+    """``agent train``: private LoRA fine-tuning in its own process (docs/privacy.md)."""
+
+    base_weights_dir: Path | None = None
+    """A directory with an f16 transformers copy (``config.json``, ``model.safetensors``) of the model;
+    unset: the weights are dequantized from the device's GGUF (one model file is enough)."""
+    lora_rank: int = Field(default=8, ge=1, le=256)
+    lora_alpha: float = Field(default=16.0, gt=0.0, le=4096.0)
+    target_modules: tuple[str, ...] = Field(default=("q_proj", "v_proj"), min_length=1, max_length=16)
+    """Module names as in transformers' Llama/Qwen2 (q_proj, k_proj, v_proj, o_proj, gate_proj, ...)."""
+    learning_rate: float = Field(default=2e-3, gt=0.0, le=10.0)
+    batch_size: int = Field(default=16, ge=1, le=4096)
+    """The expected (Poisson) batch size; the sample rate is this over the number of examples."""
+    epochs: float = Field(default=2.0, gt=0.0, le=1000.0)
+    max_steps: int | None = Field(default=None, ge=1, le=1_000_000)
+    max_grad_norm: float = Field(default=1.0, gt=0.0, le=1000.0)
+    """Per-example gradient clipping bound (DP-SGD's sensitivity)."""
+    max_seq_len: int = Field(default=256, ge=16, le=32768)
+    """An example is one conversation, truncated to its last turns that fit this many tokens."""
+    holdout_fraction: float = Field(default=0.15, ge=0.0, lt=0.9)
+    """Conversations kept out of training to measure the loss before and after (they are not trained on)."""
+    min_examples: int = Field(default=8, ge=1)
+    grad_sample_mode: GradSampleMode = GradSampleMode.HOOKS
+    """hooks: per-example LoRA gradients are small, and one backward pass beats ghost clipping's two
+    (bench/dp_step.py); ghost also works with the peft model."""
+    max_holdout_loss_increase: float = Field(default=0.05, ge=0.0, le=10.0)
+    """Export is refused if the held-out loss rose by more than this fraction (opacus issue 820 guard)."""
+    threads: int | None = Field(default=None, ge=1, le=256)
+    """torch threads; unset: all CPUs (the process runs at the lowest priority anyway)."""
+    nice: int = Field(default=19, ge=0, le=19)
+    idle_io: bool = True
+    """Run with the idle IO scheduling class."""
+    checkpoint_every: int = Field(default=25, ge=1)
+    """Steps between checkpoints (one is always saved when the run is stopped)."""
+    seed: int | None = Field(default=None, ge=0)
+    """Seed for sampling and noise in tests; unset: fresh randomness (never set one in production)."""
+
+
+class PrivacyConfig(Section):
+    """The device's privacy budget (docs/privacy.md)."""
+
+    preset: PrivacyPreset = PrivacyPreset.MODERATE
+    epsilon: float | None = Field(default=None, gt=0.0, le=100.0)
+    """Overrides the preset's epsilon."""
+    delta: float | None = Field(default=None, gt=0.0, lt=1e-2)
+    period_days: float | None = Field(default=None, gt=0.0, le=3650.0)
+    run_fraction: float = Field(default=0.25, gt=0.0, le=1.0)
+    """Each run aims to spend about this fraction of the budget (composition decides the rest)."""
+    accountants: tuple[Accountant, ...] = Field(default=(Accountant.PRV, Accountant.RDP), min_length=1)
+    """The spend is the smallest of these accountants' (sound) values."""
+    secure_mode: bool = False
+    """opacus secure mode (cryptographic RNG for noise and sampling); needs torchcsprng installed."""
+
+    @property
+    def budget(self) -> Budget:
+        base = PRESETS[self.preset]
+        if self.epsilon is None and self.delta is None and self.period_days is None:
+            return base
+        return Budget(
+            epsilon=self.epsilon if self.epsilon is not None else base.epsilon,
+            delta=self.delta if self.delta is not None else base.delta,
+            period_days=self.period_days if self.period_days is not None else base.period_days,
+            preset=None,
+        )
+
+
+class FleetConfig(Section):
+    """The fleet client (agent/fleet_client.py): rounds, sealed updates and global adapters over the
+    fleet's MQTT broker. Only sealed updates, signed status and enrollment leave the device."""
+
+    enabled: bool = False
+    broker_url: str | None = None
+    """``mqtt://host:port`` or ``mqtts://host:port`` (TLS); required when enabled. ``agent.mqtt_chat``
+    refuses to serve chat on this broker."""
+    username: str | None = Field(default=None, min_length=1, max_length=256)
+    """Unset: the device id (Mosquitto ACLs key on it)."""
+    password: str | None = Field(default=None, max_length=4096)
+    password_path: Path | None = None
+    """A file holding the broker password (first line); unset with no ``password``: the identity's
+    broker password file when it exists."""
+    tls_ca_path: Path | None = None
+    tls_cert_path: Path | None = None
+    tls_key_path: Path | None = None
+    coordinator_keys_path: Path | None = None
+    """The coordinator's ``identity.pub``; unset: learnt at enrollment (pinned by the token)."""
+    enrollment_token_path: Path | None = None
+    """A file holding the one-time enrollment token (used once, when not enrolled)."""
+    topic_root: str = Field(default="ppchat", pattern=r"^[a-z0-9][a-z0-9._-]{0,31}$")
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    reconnect_min_s: float = Field(default=0.5, gt=0.0, le=3600.0)
+    reconnect_max_s: float = Field(default=60.0, gt=0.0, le=86400.0)
+    train_max_steps: int | None = Field(default=None, ge=1, le=1_000_000)
+    """Cap on a round's DP-SGD steps (``agent train --max-steps``); unset: the trainer's plan."""
+    train_timeout_s: float = Field(default=6 * 3600.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> FleetConfig:
+        if self.broker_url is None:
+            if self.enabled:
+                raise ValueError("'broker_url' is required when the fleet client is enabled")
+        else:
+            parts = urlsplit(self.broker_url)
+            if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+                raise ValueError("broker_url must be mqtt://host:port or mqtts://host:port")
+            try:
+                _ = parts.port
+            except ValueError as exc:
+                raise ValueError(f"broker_url: bad port: {exc}") from None
+        if self.password is not None and self.password_path is not None:
+            raise ValueError("give 'password' or 'password_path', not both")
+        if (self.tls_cert_path is None) != (self.tls_key_path is None):
+            raise ValueError("'tls_cert_path' and 'tls_key_path' go together")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("'reconnect_max_s' must be at least 'reconnect_min_s'")
+        return self
+
+    @property
+    def url(self) -> str:
+        if self.broker_url is None:
+            raise ConfigError("fleet.broker_url is not set")
+        return self.broker_url
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+    @property
+    def use_tls(self) -> bool:
+        return urlsplit(self.url).scheme == "mqtts" or self.tls_ca_path is not None
+
+
 class LogLevel(str, Enum):
     DEBUG = "debug"
     INFO = "info"
@@ -323,6 +462,9 @@ class AgentConfig(Section):
     mqtt_chat: MqttChatConfig = MqttChatConfig()
     hardware: HardwareConfig = HardwareConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    train: TrainConfig = TrainConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    fleet: FleetConfig = FleetConfig()
 
     @model_validator(mode="after")
     def _check(self) -> AgentConfig:
@@ -345,6 +487,26 @@ class AgentConfig(Section):
     @property
     def adapters_dir(self) -> Path:
         return self.paths.state_dir / "adapters"
+
+    @property
+    def ledger_path(self) -> Path:
+        """The privacy ledger (agent/train/ledger.py)."""
+        return self.paths.state_dir / "privacy" / "ledger.json"
+
+    @property
+    def train_dir(self) -> Path:
+        """The trainer's checkpoints and run results."""
+        return self.paths.state_dir / "train"
+
+    @property
+    def fleet_dir(self) -> Path:
+        """The fleet client's state: enrollment, the coordinator's pinned keys, rounds, residual."""
+        return self.paths.state_dir / "fleet"
+
+    @property
+    def global_adapters_dir(self) -> Path:
+        """Global fleet adapters, ``<version>.gguf`` (the current one and the previous, for rollback)."""
+        return self.adapters_dir / "global"
 
 
 def _resolve_paths(data: Any, base: Path) -> Any:

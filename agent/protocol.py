@@ -58,7 +58,9 @@ class ChatOptions(_Wire):
     top_k: int | None = Field(default=None, ge=0, le=1000)
     repeat_penalty: float | None = Field(default=None, ge=0.0, le=5.0)
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
-    stop: tuple[Annotated[str, Field(min_length=1, max_length=64)], ...] | None = Field(default=None, max_length=8)
+    stop: tuple[Annotated[str, Field(min_length=1, max_length=64)], ...] | None = Field(
+        default=None, max_length=8
+    )
 
 
 RequestId = Annotated[str, Field(min_length=1, max_length=MAX_ID_LENGTH)]

@@ -1,0 +1,254 @@
+"""The device's connection to the fleet broker: paho-mqtt 2, MQTT 3.1.1, QoS 1, persistent session.
+
+The client id is the device id and ``clean_session`` is false, so the broker keeps the device's
+subscriptions and queues QoS 1 messages while it is away. Reconnects use exponential backoff with
+jitter. The last will (set again before every connect, so its time is fresh) is the device's signed
+"offline" status, retained. paho's network thread hands messages to the asyncio loop through a queue;
+nothing here decodes a payload (that is :mod:`agent.fleet_client`'s job).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from agent.config import FleetConfig
+from agent.errors import AgentError
+
+log = logging.getLogger("agent.fleet")
+
+QOS = 1
+
+
+class FleetTransportError(AgentError):
+    """The fleet broker connection cannot be set up (TLS files, credentials)."""
+
+
+@dataclass(frozen=True)
+class Received:
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+class FleetTransport(Protocol):
+    """What the fleet client needs from a broker connection (tests may pass another)."""
+
+    connected: asyncio.Event
+
+    def subscribe(self, filters: Sequence[str]) -> None: ...
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> Any:
+        """Queue ``payload`` at QoS 1; returns a handle for :meth:`wait_published`."""
+        ...
+
+    async def wait_published(self, handle: Any, *, timeout_s: float) -> bool:
+        """True once the broker acknowledged the publication."""
+        ...
+
+    async def run(self) -> None:
+        """Connect and stay connected (reconnecting) until cancelled."""
+        ...
+
+    async def receive(self) -> Received: ...
+
+
+def backoff_delay(attempt: int, *, base_s: float, cap_s: float, rng: random.Random) -> float:
+    """Exponential backoff with jitter: uniform in ``[d/2, d]``, ``d = min(cap, base * 2**attempt)``."""
+    ceiling = min(cap_s, base_s * (2.0 ** min(attempt, 30)))
+    return rng.uniform(ceiling / 2.0, ceiling)
+
+
+def read_password(config: FleetConfig, default_file: Any | None = None) -> str | None:
+    path = config.password_path or default_file
+    if config.password is not None:
+        return config.password
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.readline().strip() or None
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise FleetTransportError(f"cannot read the fleet broker password file {path}: {exc}") from None
+
+
+class PahoTransport:
+    """:class:`FleetTransport` over paho-mqtt 2 (see the module doc)."""
+
+    def __init__(
+        self,
+        config: FleetConfig,
+        *,
+        client_id: str,
+        username: str | None,
+        password: str | None,
+        will: Callable[[], tuple[str, bytes]] | None = None,
+        on_connect: Callable[[], None] | None = None,
+        rng: random.Random | None = None,
+        queue_size: int = 1024,
+    ) -> None:
+        self._config = config
+        self._will = will
+        self._on_connect_hook = on_connect
+        self._rng = rng or random.Random()
+        self._filters: list[str] = []
+        self._queue: asyncio.Queue[Received] = asyncio.Queue(maxsize=queue_size)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lost: asyncio.Event | None = None
+        self._was_connected = False
+        self.connected = asyncio.Event()
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=False,
+            protocol=MQTTProtocolVersion.MQTTv311,
+            reconnect_on_failure=False,
+        )
+        self._client.max_queued_messages_set(0)
+        if username is not None:
+            self._client.username_pw_set(username, password)
+        if config.use_tls or config.tls_cert_path is not None:
+            try:
+                self._client.tls_set(
+                    ca_certs=str(config.tls_ca_path) if config.tls_ca_path else None,
+                    certfile=str(config.tls_cert_path) if config.tls_cert_path else None,
+                    keyfile=str(config.tls_key_path) if config.tls_key_path else None,
+                )
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                raise FleetTransportError(f"cannot set up TLS to the fleet broker: {exc}") from None
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+
+    def subscribe(self, filters: Sequence[str]) -> None:
+        self._filters = list(dict.fromkeys([*self._filters, *filters]))
+        if self._client.is_connected():
+            self._client.subscribe([(f, QOS) for f in filters])
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> mqtt.MQTTMessageInfo:
+        info = self._client.publish(topic, payload, qos=QOS, retain=retain)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            raise FleetTransportError(f"cannot publish to {topic}: {mqtt.error_string(info.rc)}")
+        return info
+
+    async def wait_published(self, handle: Any, *, timeout_s: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            if handle.is_published():
+                return True
+            await asyncio.sleep(0.05)
+        return bool(handle.is_published())
+
+    async def receive(self) -> Received:
+        return await self._queue.get()
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        cfg = self._config
+        attempt = 0
+        try:
+            while True:
+                self._lost = asyncio.Event()
+                self._was_connected = False
+                if self._will is not None:
+                    topic, payload = self._will()
+                    self._client.will_set(topic, payload, qos=QOS, retain=True)
+                try:
+                    await asyncio.to_thread(self._client.connect, cfg.host, cfg.port, cfg.keepalive_s)
+                except (OSError, ValueError) as exc:
+                    delay = backoff_delay(
+                        attempt, base_s=cfg.reconnect_min_s, cap_s=cfg.reconnect_max_s, rng=self._rng
+                    )
+                    log.warning(
+                        "fleet broker %s unreachable (%s); retrying in %.1f s", cfg.broker_url, exc, delay
+                    )
+                    attempt += 1
+                    await asyncio.sleep(delay)
+                    continue
+                self._client.loop_start()
+                try:
+                    await self._lost.wait()
+                finally:
+                    self.connected.clear()
+                    await asyncio.to_thread(self._client.loop_stop)
+                if self._was_connected:
+                    attempt = 0
+                delay = backoff_delay(
+                    attempt, base_s=cfg.reconnect_min_s, cap_s=cfg.reconnect_max_s, rng=self._rng
+                )
+                log.warning("lost the fleet broker; reconnecting in %.1f s", delay)
+                attempt += 1
+                await asyncio.sleep(delay)
+        finally:
+            self.connected.clear()
+            if self._client.is_connected():
+                self._client.disconnect()
+            await asyncio.to_thread(self._client.loop_stop)
+
+    def drop(self) -> None:
+        """Close the socket without a DISCONNECT (tests: the broker publishes the last will)."""
+        sock = self._client.socket()
+        if sock is not None:
+            sock.close()
+
+    # -- paho callbacks (network thread) ----------------------------------------------------------
+
+    def _call(self, fn: Callable[[], None]) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(fn)
+
+    def _on_connect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        if reason.is_failure:
+            log.error("the fleet broker refused the connection: %s", reason)
+            return
+        self._was_connected = True
+        log.info(
+            "connected to the fleet broker %s (session present: %s)",
+            self._config.broker_url,
+            flags.session_present,
+        )
+        if self._filters:
+            client.subscribe([(f, QOS) for f in self._filters])
+
+        def connected() -> None:
+            self.connected.set()
+            if self._on_connect_hook is not None:
+                self._on_connect_hook()
+
+        self._call(connected)
+
+    def _on_disconnect(
+        self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        lost = self._lost
+        if lost is not None:
+            self._call(lost.set)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            return
+        item = Received(topic=topic, payload=bytes(message.payload), retain=bool(message.retain))
+
+        def put() -> None:
+            try:
+                self._queue.put_nowait(item)
+            except asyncio.QueueFull:
+                log.error("fleet inbound queue full; dropping a message on %s", item.topic)
+
+        self._call(put)

@@ -1,0 +1,3 @@
+from agent.provision.cli import main
+
+raise SystemExit(main())
