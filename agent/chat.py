@@ -15,11 +15,14 @@ Engine events become protocol events; errors become :class:`agent.protocol.Error
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from agent.config import GenerationConfig
 from agent.errors import (
@@ -131,6 +134,14 @@ class ReplyStats:
     """Unix time the reply ended."""
 
 
+class ChatActivity(Protocol):
+    """Told of every chat request (:class:`agent.scheduler.TrainingScheduler`: it pre-empts training)."""
+
+    def notify_chat_activity(self) -> None: ...
+
+    def chat_request(self) -> AbstractContextManager[None]: ...
+
+
 class ChatService:
     """Answers chat requests from every front door with one engine and one store."""
 
@@ -142,7 +153,10 @@ class ChatService:
         generation: GenerationConfig,
         system_prompt: str | None,
         max_remembered: int = MAX_REMEMBERED,
+        activity: ChatActivity | None = None,
     ) -> None:
+        self.activity = activity
+        """Told of every request, whichever front door it came through (the training scheduler)."""
         self._backend = backend
         self._store = store
         self._generation = generation
@@ -160,6 +174,22 @@ class ChatService:
     # ---- the ChatHandler seam -------------------------------------------------------------------
 
     async def handle(
+        self,
+        request: ChatRequest,
+        *,
+        source: FrontDoor,
+        cancel: CancelSignal,
+        client: str,
+    ) -> AsyncIterator[ChatEvent]:
+        activity = self.activity
+        if activity is not None:
+            activity.notify_chat_activity()  # pre-empts training before the prompt is evaluated
+        busy = activity.chat_request() if activity is not None else contextlib.nullcontext()
+        with busy:
+            async for event in self._handle(request, source=source, cancel=cancel, client=client):
+                yield event
+
+    async def _handle(
         self,
         request: ChatRequest,
         *,

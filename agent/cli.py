@@ -49,9 +49,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, ModuleType]]:
     parser.add_argument(
         "--config",
         "-c",
+        dest="global_config",
         type=Path,
         default=None,
-        help="agent config file (default: $PPCHAT_CONFIG or /etc/ppchat/agent.toml when it exists)",
+        help="agent config file, for every command (also accepted after the command)",
     )
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -60,7 +60,7 @@ class ModelConfig(Section):
     use_mmap: bool = True
     chat_template: str | None = None
     """A Jinja chat template overriding the one stored in the GGUF."""
-    system_prompt: str = "You are ppchat, a helpful assistant running privately on this device."
+    system_prompt: str = "You are ppchat, a private assistant running on this device."
     prefix_cache_mb: int = Field(default=256, ge=0, le=65536)
     """RAM for saved KV states of recent conversations (prefix reuse across turns)."""
 
@@ -285,6 +285,12 @@ class SchedulerConfig(Section):
     """Train only while more than this much privacy budget (epsilon) is left."""
     restart_backoff_s: float = Field(default=300.0, ge=0, le=86400)
     """After a pre-emption, wait this long before starting again (a weak supply would flap)."""
+    personal_interval_h: float | None = Field(default=24.0, gt=0, le=24 * 365)
+    """A personal-adapter run is due when none completed for this long (or a stopped one waits to
+    resume); unset: the daemon never starts personal runs (the scheduler still gates fleet rounds)."""
+    stop_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    """After SIGTERM the trainer stops at its next step boundary; it is killed if still running
+    after this long (its last checkpoint stands)."""
 
     @model_validator(mode="after")
     def _check_hours(self) -> SchedulerConfig:

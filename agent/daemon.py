@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import signal
@@ -36,10 +37,15 @@ from agent.notify import Notifier
 from agent.protocol import ChatRequest, ErrorCode, ErrorEvent
 from agent.socket_server import SocketServer, remove_stale_socket
 from agent.status import (
+    BlockingRule,
     DaemonState,
+    DoorState,
+    DoorStatus,
+    FleetLiveStatus,
     LastReply,
     ModelStatus,
     StatusSnapshot,
+    TrainingStatus,
     heavy_modules_loaded,
     remove_snapshot,
     rss_bytes,
@@ -98,10 +104,14 @@ class Daemon:
         self._chat: ChatService | None = None
         self._doors: list[tuple[str, FrontDoorService]] = []
         self._fleet: Any = None
+        self._scheduler: Any = None
+        self._trainer: Any = None
+        self._work: Any = None
         self._conversations = 0
         self._last_written: tuple[Any, ...] | None = None
         self._last_write_at = 0.0
         self._last_status_line = ""
+        self._model_sha256: str | None = None
 
     # ---- control ----------------------------------------------------------------------------------
 
@@ -148,6 +158,8 @@ class Daemon:
             )
             self._conversations = await self._store.count_conversations()
             handler: Any
+            if self.load_model and cfg.scheduler.enabled:
+                self._build_scheduler()
             if self.load_model:
                 self.notifier.status("loading the model")
                 self._engine = await self._load_engine()
@@ -156,6 +168,7 @@ class Daemon:
                     self._store,
                     generation=cfg.generation,
                     system_prompt=cfg.model.system_prompt,
+                    activity=self._scheduler,
                 )
                 handler = self._chat
             else:
@@ -192,6 +205,37 @@ class Daemon:
             await door.check_privacy()  # refuse the fleet broker before telling systemd READY
             self._doors.append(("mqtt_chat", door))
 
+    def _build_scheduler(self) -> None:
+        """The training scheduler (agent/scheduler.py) over this board's sensors, driving the personal
+        trainer process (agent/trainer_control.py). Runs when ``scheduler.enabled`` and a model is
+        loaded; personal runs are started only when ``scheduler.personal_interval_h`` is set."""
+        from agent.clock import SystemClock
+        from agent.scheduler import SchedulerPolicy, TrainingScheduler
+        from agent.trainer_control import PersonalWork, SubprocessTrainerControl
+        from hardware.detect import detect
+        from hardware.sensors import board_sensors
+
+        cfg = self.config
+        hw = cfg.hardware
+        detection = detect(hw.root_dir, override=hw.profile)
+        for warning in detection.warnings:
+            log.warning("hardware: %s", warning)
+        profile = detection.profile
+        self._trainer = SubprocessTrainerControl(
+            config_path=self.config_path, stop_timeout_s=cfg.scheduler.stop_timeout_s
+        )
+        self._work = PersonalWork(cfg, control=self._trainer)
+        self._scheduler = TrainingScheduler(
+            policy=SchedulerPolicy.from_config(cfg.scheduler, profile),
+            sensors=board_sensors(
+                profile, root=hw.root_dir, ignore_zones=hw.ignore_thermal_zones, use_jtop=hw.use_jtop
+            ),
+            work=self._work,
+            trainer=self._trainer,
+            clock=SystemClock(),
+        )
+        log.info("training scheduler on %s (%s)", profile.title, "; ".join(detection.reasons))
+
     def _add_fleet_client(self) -> None:
         """The fleet client (agent/fleet_client.py), one more supervised service, when enabled."""
         cfg = self.config
@@ -204,6 +248,7 @@ class Daemon:
             model_path=cfg.model.path or _demo_model_path(),
             swapper=self._engine,  # type: ignore[arg-type]
             config_path=self.config_path,
+            gate=_RoundGate(self._scheduler, self._work) if self._scheduler is not None else None,
         )
 
     async def _load_engine(self) -> InferenceBackend:
@@ -281,6 +326,8 @@ class Daemon:
         ]
         if self._fleet is not None:
             loops.append(("fleet", self._fleet.run()))
+        if self._scheduler is not None:
+            loops.append(("scheduler", self._scheduler.run()))
         if self.notifier.watchdog_interval_s is not None:
             loops.append(("watchdog", self._watchdog_loop(self.notifier.watchdog_interval_s)))
         return loops
@@ -295,6 +342,8 @@ class Daemon:
         await asyncio.gather(*(door.shutdown(grace_s=grace) for _, door in self._doors))
 
     async def _close(self) -> None:
+        if self._trainer is not None:
+            await self._trainer.close()  # SIGTERM: it checkpoints and resumes under the next daemon
         if self._engine is not None:
             await self._engine.close()
             self._engine = None
@@ -333,6 +382,12 @@ class Daemon:
 
     async def _status_loop(self) -> None:
         assert self._store is not None
+        if self._engine is not None:  # the model's SHA-256 for `agent status`, once, off the loop
+            try:
+                self._model_sha256 = await asyncio.to_thread(_file_sha256, self._engine.info.path)
+            except OSError as exc:
+                log.warning("cannot hash the model %s: %s", self._engine.info.path, exc)
+            await asyncio.to_thread(self._write_status)
         while True:
             await asyncio.sleep(self.status_interval_s)
             try:
@@ -370,6 +425,7 @@ class Daemon:
                 n_params=info.n_params,
                 n_ctx=info.n_ctx,
                 load_s=info.load_s,
+                sha256=self._model_sha256,
             )
         last: LastReply | None = None
         replies = 0
@@ -385,6 +441,7 @@ class Daemon:
                     at=r.at,
                 )
         return StatusSnapshot(
+            training=self._training_status(),
             pid=os.getpid(),
             state=self._state,
             started_at=self._started_at,
@@ -397,6 +454,37 @@ class Daemon:
             last_reply=last,
             heavy_modules_loaded=heavy_modules_loaded(),
             rss_bytes=rss_bytes(),
+            doors=self._door_statuses(),
+            fleet=self._fleet_status(),
+        )
+
+    def _door_statuses(self) -> tuple[DoorStatus, ...]:
+        # A door whose serve() fails stops the daemon, so while READY every door listens.
+        state = DoorState.LISTENING if self._state is DaemonState.READY else DoorState.DOWN
+        return tuple(DoorStatus(name=name, state=state) for name, _ in self._doors)
+
+    def _fleet_status(self) -> FleetLiveStatus | None:
+        if self._fleet is None:
+            return None
+        return FleetLiveStatus(
+            connected=self._fleet.connected,
+            enrolled=self._fleet.enrolled,
+            last_round=self._fleet.state.last_round,
+            adapter_version=self._fleet.state.adapter_version,
+        )
+
+    def _training_status(self) -> TrainingStatus | None:
+        verdict = self._scheduler.last_verdict if self._scheduler is not None else None
+        if verdict is None:
+            return None
+        last = self._trainer.last_run if self._trainer is not None else None
+        return TrainingStatus(
+            allowed=verdict.allowed,
+            blocking=tuple(BlockingRule(rule=c.rule.value, reason=c.reason) for c in verdict.blocking),
+            explain=verdict.explain(),
+            at=verdict.at.timestamp(),
+            running=self._trainer is not None and self._trainer.is_running,
+            last_outcome=last.outcome.value if last is not None else None,
         )
 
     def _write_status(self) -> None:
@@ -407,6 +495,10 @@ class Daemon:
             snap.conversations,
             snap.replies,
             snap.heavy_modules_loaded,
+            None if snap.training is None else (snap.training.allowed, snap.training.running),
+            snap.model.sha256 if snap.model is not None else None,
+            snap.doors,
+            snap.fleet,
         )
         now = self.clock()
         if key == self._last_written and now - self._last_write_at < STATUS_REFRESH_S:
@@ -418,6 +510,26 @@ class Daemon:
             return
         self._last_written = key
         self._last_write_at = now
+
+
+class _RoundGate:
+    """The fleet client's gate: the scheduler's rules now, with the waiting round as the work."""
+
+    def __init__(self, scheduler: Any, work: Any) -> None:
+        self._scheduler = scheduler
+        self._work = work
+
+    def check(self) -> Any:
+        work = self._work.work_state()
+        return self._scheduler.check(work.model_copy(update={"round_pending": True}))
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _physical_cores() -> int | None:

@@ -24,7 +24,7 @@ from agent.protocol import DeltaEvent, DoneEvent, ErrorEvent
 
 QUESTIONS = (
     "Hello! What can you do?",
-    "Do my conversations leave this device?",
+    "Do you send my messages to the cloud?",
 )
 START_TIMEOUT_S = 120.0
 

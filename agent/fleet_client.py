@@ -464,6 +464,11 @@ class FleetClient:
         log.info("enrolled with coordinator %s as %s", keys.id, reply.name)
 
     @property
+    def connected(self) -> bool:
+        """Connected to the fleet broker now (for ``agent status``; read-only)."""
+        return self._transport.connected.is_set()
+
+    @property
     def enrolled(self) -> bool:
         return self.state.enrolled or (
             self._coordinator is not None and self._fc.enrollment_token_path is None
@@ -501,8 +506,12 @@ class FleetClient:
         self.changed.set()
 
     def _budget_left(self) -> float:
-        ledger = PrivacyLedger(self._cfg.ledger_path)
-        return ledger.report(budget=self._cfg.privacy.budget).remaining
+        """ε left in the window, from the ledger's stored bound: no accountant, so the daemon never
+        imports opacus or torch. When the ledger cannot vouch for a bound, the trainer decides (it
+        composes with the accountant and refuses, exit 77, before charging anything)."""
+        budget = self._cfg.privacy.budget
+        spent = PrivacyLedger(self._cfg.ledger_path).spent_bound(budget=budget)
+        return budget.epsilon if spent is None else budget.epsilon - spent
 
     async def _take_part(self, spec: RoundSpec) -> None:
         try:

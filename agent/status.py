@@ -42,6 +42,8 @@ class ModelStatus(BaseModel):
     n_params: int
     n_ctx: int
     load_s: float
+    sha256: str | None = None
+    """The file's SHA-256, hashed by the daemon after the load (None until it is done)."""
 
 
 class LastReply(BaseModel):
@@ -52,6 +54,57 @@ class LastReply(BaseModel):
     time_to_first_token_s: float
     finish_reason: str
     at: float
+
+
+class BlockingRule(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rule: str
+    reason: str
+
+
+class TrainingStatus(BaseModel):
+    """The training scheduler's latest verdict (agent/scheduler.py) and the trainer's state."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    allowed: bool
+    blocking: tuple[BlockingRule, ...] = ()
+    """The rules that do not hold, each with its reason."""
+    explain: str
+    """One line: ``training allowed`` or ``training blocked: rule: reason; ...``."""
+    at: float
+    """Unix time of the verdict."""
+    running: bool = False
+    """A trainer process runs now."""
+    last_outcome: str | None = None
+    """How the latest trainer process ended (agent/trainer_control.py's TrainerExit)."""
+
+
+class DoorState(str, Enum):
+    LISTENING = "listening"
+    DOWN = "down"
+
+
+class DoorStatus(BaseModel):
+    """One chat front door (socket, wyoming, mqtt_chat) as the supervisor sees it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    state: DoorState
+    detail: str | None = None
+
+
+class FleetLiveStatus(BaseModel):
+    """The fleet client's connection, as the daemon sees it (its durable state is in its own file)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    connected: bool
+    enrolled: bool
+    last_round: int
+    adapter_version: int | None = None
 
 
 class StatusSnapshot(BaseModel):
@@ -72,6 +125,12 @@ class StatusSnapshot(BaseModel):
     last_reply: LastReply | None = None
     heavy_modules_loaded: tuple[str, ...] = Field(default=())
     rss_bytes: int | None = None
+    training: TrainingStatus | None = None
+    """None when the daemon runs no training scheduler (or before its first verdict)."""
+    doors: tuple[DoorStatus, ...] = ()
+    """The chat front doors the supervisor runs (empty in snapshots from older daemons)."""
+    fleet: FleetLiveStatus | None = None
+    """None when the fleet client is not enabled."""
 
     def uptime_s(self, now: float | None = None) -> float:
         return max(0.0, (time.time() if now is None else now) - self.started_at)

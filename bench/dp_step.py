@@ -1,6 +1,6 @@
 """DP-SGD step time ÷ the same step without DP, on the demo model (target ≤ 1.5).
 
-    python -m bench.dp_step [--batch 16] [--seq 64] [--steps 8] [--rank 8] [--threads N]
+    python -m bench.dp_step [--batch 16] [--seq 64] [--steps 40] [--rank 8] [--threads N]
 
 One process, one model, the same batches: a plain LoRA step (per-example losses averaged, backward,
 Adam) against opacus's DP step (per-example clipping + noise) with ghost clipping and with hooks
@@ -25,7 +25,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
@@ -66,13 +66,13 @@ def main() -> None:
         opt = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
         if mode is None:
 
-            def step(b: tuple[torch.Tensor, ...]) -> None:
+            def plain_step(b: tuple[torch.Tensor, ...]) -> None:
                 loss: Any = example_losses(peft_model, *b).mean()
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
-            return step
+            return plain_step
         data = torch.utils.data.TensorDataset(torch.zeros(64, 1))
         loader = torch.utils.data.DataLoader(data, batch_size=args.batch)
         engine = PrivacyEngine(accountant="prv")
@@ -90,32 +90,35 @@ def main() -> None:
                 **common, grad_sample_mode="ghost", criterion=torch.nn.CrossEntropyLoss()
             )
 
-            def step(b: tuple[torch.Tensor, ...]) -> None:
+            def ghost_step(b: tuple[torch.Tensor, ...]) -> None:
                 loss: Any = DPTensorFastGradientClipping(m, o, example_losses(m, *b), "mean")
                 loss.backward()
                 o.step()
                 o.zero_grad(set_to_none=True)
 
-            return step
+            return ghost_step
         m, o, _l = engine.make_private(**common, grad_sample_mode="hooks")
 
-        def step(b: tuple[torch.Tensor, ...]) -> None:
+        def hooks_step(b: tuple[torch.Tensor, ...]) -> None:
             loss: Any = example_losses(m, *b).mean()
             loss.backward()
             o.step()
             o.zero_grad(set_to_none=True)
 
-        return step
+        return hooks_step
 
     print(
         f"demo model {demo.f16.name}; batch {args.batch} x {args.seq} tokens; LoRA rank {args.rank} on q,v; "
         f"torch threads {torch.get_num_threads()}"
     )
     for kind in (AdapterKind.PERSONAL, AdapterKind.FLEET):
-        variants = {name: setup(kind, mode) for name, mode in (("plain", None), ("ghost", "ghost"), ("hooks", "hooks"))}
+        variants = {
+            name: setup(kind, mode)
+            for name, mode in (("plain", None), ("ghost", "ghost"), ("hooks", "hooks"))
+        }
         times: dict[str, list[float]] = {name: [] for name in variants}
         batches = [batch() for _ in range(args.steps + 1)]
-        for name, step in variants.items():  # warm-up
+        for step in variants.values():  # warm-up
             step(batches[0])
         for b in batches[1:]:
             for name, step in variants.items():
@@ -128,7 +131,8 @@ def main() -> None:
             ratio = best[name] / best["plain"]
             verdict = "meets" if ratio <= TARGET else "misses"
             print(
-                f"{kind.value:<8} DP ({name:<5}) {best[name] * 1000:7.1f} ms / plain {best['plain'] * 1000:7.1f} ms"
+                f"{kind.value:<8} DP ({name:<5}) {best[name] * 1000:7.1f} ms"
+                f" / plain {best['plain'] * 1000:7.1f} ms"
                 f" = {ratio:4.2f}  (target <= {TARGET}: {verdict}; medians {med[name] / med['plain']:4.2f})"
             )
 

@@ -56,8 +56,13 @@ def main() -> None:
     ).train
     base, _ = load_base_model(gguf_path=demo.f16, base_weights_dir=None)
     general_before = mean_loss(base, general_examples)
-    print(f"demo model; {args.conversations} private conversations; general val dialogues {len(general_examples)}")
-    print("preset    eps/run  noise  steps  private loss before -> after   general loss before -> after  secs")
+    print(
+        f"demo model; {args.conversations} private conversations;"
+        f" general val dialogues {len(general_examples)}"
+    )
+    print(
+        "preset    eps/run  noise  steps  private loss before -> after   general loss before -> after  secs"
+    )
     for preset in args.presets.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             train_cfg: dict[str, object] = {"threads": 2, "nice": 0, "idle_io": False}
@@ -88,7 +93,9 @@ def main() -> None:
     vocab.close()
 
 
-def _loss_with_adapter(model: object, info: object, adapter: object, examples: object, mean_loss: object) -> float:
+def _loss_with_adapter(
+    model: object, info: object, adapter: object, examples: object, mean_loss: object
+) -> float:
     """The loss with an exported adapter merged into the base weights (as llama.cpp applies it)."""
     import numpy as np
     import torch
@@ -98,7 +105,12 @@ def _loss_with_adapter(model: object, info: object, adapter: object, examples: o
     params = dict(model.named_parameters())  # type: ignore[attr-defined]
     names = {}
     for i in range(info.n_blocks):  # type: ignore[attr-defined]
-        for short, gg in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output")):
+        for short, gg in (
+            ("q_proj", "attn_q"),
+            ("k_proj", "attn_k"),
+            ("v_proj", "attn_v"),
+            ("o_proj", "attn_output"),
+        ):
             names[f"blk.{i}.{gg}.weight"] = f"model.layers.{i}.self_attn.{short}.weight"
     with torch.no_grad():
         for gguf_name, pair in adapter.pairs.items():  # type: ignore[attr-defined]

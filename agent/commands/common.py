@@ -11,8 +11,10 @@ from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
 
 def config_path(args: argparse.Namespace) -> Path | None:
     """The config file: --config, else $PPCHAT_CONFIG, else /etc/ppchat/agent.toml if present."""
-    if getattr(args, "config", None) is not None:
-        return Path(args.config)
+    for name in ("config", "global_config"):  # `agent chat --config F` or `agent --config F chat`
+        value = getattr(args, name, None)
+        if value is not None:
+            return Path(value)
     env = os.environ.get("PPCHAT_CONFIG")
     if env:
         return Path(env)

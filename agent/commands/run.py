@@ -23,24 +23,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-model", action="store_true", help=argparse.SUPPRESS)
 
 
-def _setup_logging(level: str, journal: bool | None, *, verbose: bool) -> None:
+def _setup_logging(level: str, journal: bool | None, *, verbose: bool, device: str) -> None:
+    """The journal with structured fields (agent/journal.py) when wanted and systemd-python is
+    importable; stderr otherwise (under systemd without systemd-python: plain lines, which journald
+    stamps itself)."""
+    from agent.journal import StructuredJournalHandler, journal_wanted, systemd_sender
+
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if verbose else level.upper())
-    under_systemd = bool(os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"))
-    if journal is False or (journal is None and not under_systemd):
+    if not journal_wanted(journal, os.environ):
         return
-    try:
-        from systemd.journal import JournalHandler
-    except ImportError:
+    send = systemd_sender()
+    if send is None:
         if journal:
             logging.getLogger(__name__).warning("logging.journal is set but systemd-python is not installed")
-        # stderr goes to the journal anyway, which stamps each line itself.
         for handler in root.handlers:
             handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         return
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    root.addHandler(JournalHandler(SYSLOG_IDENTIFIER="ppchat-agent"))
+    root.addHandler(StructuredJournalHandler(send, device=device))
 
 
 def execute(args: argparse.Namespace) -> int:
@@ -50,7 +52,12 @@ def execute(args: argparse.Namespace) -> int:
     from agent.daemon import Daemon
 
     config = load(args)
-    _setup_logging(config.logging.level.value, config.logging.journal, verbose=bool(args.verbose))
+    _setup_logging(
+        config.logging.level.value,
+        config.logging.journal,
+        verbose=bool(args.verbose),
+        device=config.device_name,
+    )
     daemon = Daemon(config, load_model=not args.no_model, config_path=config_path(args))
     asyncio.run(daemon.run())
     print("agent run: stopped", file=sys.stderr)

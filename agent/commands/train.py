@@ -43,7 +43,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--init-b",
         type=Path,
         default=None,
-        help="fleet: B matrices to start from (a fleet delta file holding the global release's B)",
+        help="fleet: the B matrices to start from: the fleet's global adapter (GGUF) for this round's seed",
     )
     parser.add_argument("--max-steps", type=int, default=None, help="at most this many DP-SGD steps")
     parser.add_argument(
@@ -55,16 +55,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def execute(args: argparse.Namespace) -> int:
+    from agent.train.process import StopSignal
+
+    stop = StopSignal()
+    stop.install()  # first: a SIGTERM during the slow imports and planning is honoured too
+
     from agent.commands.common import load
     from agent.errors import ConfigError
     from agent.store import SqliteStore
     from agent.train.dataset import StoreSource
     from agent.train.kinds import AdapterKind
-    from agent.train.trainer import StopSignal, TrainRequest, load_round_spec, train
+    from agent.train.trainer import TrainRequest, load_round_spec, train
 
     cfg = load(args)
-    stop = StopSignal()
-    stop.install()  # first: a SIGTERM during the (slow) imports and planning is honoured too
     if args.max_steps is not None and args.max_steps < 1:
         raise ConfigError("--max-steps must be at least 1")
     adapter = AdapterKind(args.adapter)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,6 +202,67 @@ def read_lora_gguf(path: Path) -> LoraAdapterFile:
     return LoraAdapterFile(
         architecture=arch, alpha=alpha, pairs=pairs, name=name if isinstance(name, str) else None
     )
+
+
+# -- fleet adapters from B matrices ------------------------------------------------------------------
+
+
+def base_in_features(model_path: Path, names: Sequence[str]) -> dict[str, int]:
+    """Input sizes of base weights (by GGUF name) read from the model's GGUF header."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(model_path)
+    except (OSError, ValueError) as exc:
+        raise AdapterError(f"{model_path}: not a readable GGUF: {exc}") from None
+    shapes = {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}
+    out = {}
+    for name in names:
+        if name not in shapes:
+            raise AdapterError(f"{model_path} has no tensor {name}")
+        out[name] = shapes[name][0]  # ggml's ne[0] is the input dimension
+    return out
+
+
+def build_ffa_adapter(
+    *,
+    architecture: str,
+    alpha: float,
+    ffa_seed: int,
+    b_matrices: Mapping[str, FloatArray],
+    in_features: Mapping[str, int],
+    name: str | None = None,
+) -> LoraAdapterFile:
+    """A fleet (FFA-LoRA) adapter from B matrices keyed ``<base name>.lora_b`` (GGUF orientation, as
+    in a release or a fleet update) and the round's seed, which gives every A
+    (:func:`agent.train.ffa.frozen_a`). ``in_features`` maps base names to their input size."""
+    from agent.train.ffa import frozen_a
+
+    pairs = {}
+    for key, b in b_matrices.items():
+        base, _, part = key.rpartition(".")
+        if part != "lora_b" or base not in in_features:
+            raise AdapterError(f"unexpected B matrix name {key!r}")
+        b32 = np.ascontiguousarray(b, dtype=np.float32)
+        if b32.ndim != 2:
+            raise AdapterError(f"{key}: a B matrix has two dimensions")
+        a = frozen_a(seed=ffa_seed, name=base, rank=b32.shape[1], in_features=in_features[base])
+        pairs[base] = LoraPair(a=a, b=b32)
+    return LoraAdapterFile(architecture=architecture, alpha=alpha, pairs=pairs, name=name)
+
+
+def ffa_b_matrices(adapter: LoraAdapterFile, *, ffa_seed: int) -> dict[str, FloatArray]:
+    """The B matrices of a fleet adapter file, after checking that its A matrices are the ones
+    ``ffa_seed`` gives (so that it belongs to rounds with this seed and rank)."""
+    from agent.train.ffa import frozen_a
+
+    out = {}
+    for base, pair in adapter.pairs.items():
+        rank, n_in = pair.a.shape
+        if not np.array_equal(pair.a, frozen_a(seed=ffa_seed, name=base, rank=rank, in_features=n_in)):
+            raise AdapterError(f"{base}: the adapter's A is not the one seed {ffa_seed} gives")
+        out[f"{base}.lora_b"] = pair.b
+    return out
 
 
 # -- the export guard (opacus issue 820) -----------------------------------------------------------------

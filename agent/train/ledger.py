@@ -133,6 +133,22 @@ def window_spend(
     return spend_under(budget, [r.mechanism for r in runs], accountants=accountants)
 
 
+def stored_spend_bound(state: LedgerState, *, budget: Budget, now: float) -> float | None:
+    """An upper bound on the window's spend from the ledger's stored values, without an accountant
+    (for the daemon, which does not import opacus); ``None`` when it cannot vouch for one.
+
+    The last run charged among those in the window was checked against every run then in the ledger
+    charged after ``its time - period``, which holds all runs in the window as long as the clock has
+    not gone back since (and the δ is the same): its ``epsilon_period_after`` bounds the window."""
+    runs = window_runs(state, budget=budget, now=now)
+    if not runs:
+        return 0.0
+    last = runs[-1]  # the ledger appends: the last in the list was charged last
+    if now < last.charged_at or any(r.budget.delta != budget.delta for r in runs):
+        return None
+    return last.epsilon_period_after
+
+
 def historic_window_spend(
     state: LedgerState,
     *,
@@ -311,6 +327,10 @@ class PrivacyLedger:
 
     def run(self, run_id: str) -> LedgerRun | None:
         return self.read().run(run_id)
+
+    def spent_bound(self, *, budget: Budget) -> float | None:
+        """:func:`stored_spend_bound` now: cheap, no accountant; ``None`` if unknown."""
+        return stored_spend_bound(self.read(), budget=budget, now=self._clock())
 
     def record_egress(self, record: EgressRecord) -> None:
         """Note something that left the device (the fleet client calls this after sending)."""

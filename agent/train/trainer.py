@@ -13,16 +13,12 @@ the budget does not start (:class:`agent.errors.BudgetExceeded`).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import hashlib
 import json
 import logging
 import math
 import os
-import platform
-import signal
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -37,7 +33,7 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.config import AgentConfig
-from agent.errors import AgentError, ConfigError, PrivacyError
+from agent.errors import AdapterError, AgentError, ConfigError, PrivacyError
 from agent.train.checkpoint import (
     CheckpointError,
     CheckpointState,
@@ -46,7 +42,7 @@ from agent.train.checkpoint import (
     save_checkpoint,
 )
 from agent.train.dataset import ConversationSource, DatasetSplit, Example, build_dataset
-from agent.train.export import check_trained, write_lora_gguf
+from agent.train.export import check_trained, ffa_b_matrices, read_lora_gguf, write_lora_gguf
 from agent.train.kinds import AdapterKind, GradSampleMode, RunStatus
 from agent.train.ledger import LedgerRun, PrivacyLedger
 from agent.train.lora import (
@@ -60,6 +56,7 @@ from agent.train.lora import (
     lora_weights,
 )
 from agent.train.privacy import Mechanism, check_delta, plan_run, steps_for
+from agent.train.process import StopSignal, TrainStopped, lower_priority
 from agent.train.tokenizer import ChatTokenizer, LlamaVocab
 from agent.train.update import B_SUFFIX, FleetDeltaHeader, read_fleet_delta, write_fleet_delta
 
@@ -145,7 +142,8 @@ class TrainRequest(BaseModel):
     adapter: AdapterKind = AdapterKind.PERSONAL
     round: FleetRound | None = None
     init_b: Path | None = None
-    """Fleet: a fleet delta file (:mod:`agent.train.update`) holding the global B to start from."""
+    """Fleet: the B matrices to start from: the global fleet adapter GGUF (built for this round's
+    seed, :func:`agent.train.export.build_ffa_adapter`) or a fleet delta file."""
     max_steps: int | None = Field(default=None, ge=1)
     out_dir: Path | None = None
     """Where adapters and the result go; unset: ``<state_dir>/adapters``."""
@@ -183,55 +181,6 @@ class TrainResult(BaseModel):
 
 
 # -- process settings ------------------------------------------------------------------------------------
-
-_IOPRIO_SYSCALL = {"x86_64": 251, "aarch64": 30, "armv7l": 314, "armv6l": 314, "i686": 289}
-_IOPRIO_CLASS_IDLE = 3
-_IOPRIO_CLASS_SHIFT = 13
-_IOPRIO_WHO_PROCESS = 1
-
-
-def lower_priority(*, nice: int, idle_io: bool) -> list[str]:
-    """Lowest CPU priority (``nice``) and, where Linux allows, the idle IO class. Returns notes."""
-    notes = []
-    try:
-        current = os.getpriority(os.PRIO_PROCESS, 0)
-        if current < nice:
-            os.setpriority(os.PRIO_PROCESS, 0, nice)
-        notes.append(f"nice {max(current, nice)}")
-    except OSError as exc:
-        notes.append(f"nice unchanged ({exc.strerror})")
-    if idle_io:
-        nr = _IOPRIO_SYSCALL.get(platform.machine())
-        if nr is None:
-            notes.append("io priority unchanged (unknown syscall number)")
-        else:
-            libc = ctypes.CDLL(None, use_errno=True)
-            rc = libc.syscall(nr, _IOPRIO_WHO_PROCESS, 0, _IOPRIO_CLASS_IDLE << _IOPRIO_CLASS_SHIFT)
-            notes.append("io idle" if rc == 0 else f"io priority unchanged (errno {ctypes.get_errno()})")
-    return notes
-
-
-class StopSignal:
-    """Asks a run to stop at its next step boundary (SIGTERM/SIGINT, or the daemon through a call)."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self.reason: str | None = None
-
-    def request(self, reason: str = "stop requested") -> None:
-        self.reason = self.reason or reason
-        self._event.set()
-
-    def is_set(self) -> bool:
-        return self._event.is_set()
-
-    def install(self) -> None:
-        def handler(signum: int, _frame: object) -> None:
-            self.request(f"signal {signal.Signals(signum).name}")
-
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
-
 
 # -- the torch side -----------------------------------------------------------------------------------
 
@@ -393,6 +342,13 @@ def train(
         raise ConfigError("a fleet run needs the round spec (--round-spec)")
     if kind is AdapterKind.PERSONAL and (rnd is not None or request.init_b is not None):
         raise ConfigError("--round-spec and --init-b are for the fleet adapter")
+    if cfg.privacy.secure_mode:
+        try:
+            import torchcsprng  # noqa: F401
+        except ImportError:
+            raise PrivacyError(
+                "privacy.secure_mode needs the torchcsprng package, which is not installed"
+            ) from None
     for note in lower_priority(nice=tc.nice, idle_io=tc.idle_io):
         log.debug("priority: %s", note)
     torch.set_num_threads(tc.threads or os.cpu_count() or 1)
@@ -421,11 +377,7 @@ def train(
         epochs, lr = tc.epochs, tc.learning_rate
     init_b: dict[str, FloatArray] | None = None
     if request.init_b is not None:
-        header, init_b = read_fleet_delta(request.init_b)
-        if header.ffa_seed != settings.ffa_seed or header.rank != settings.rank:
-            raise ConfigError(
-                f"{request.init_b}: its B matrices are for another seed or rank than this round"
-            )
+        init_b = _load_init_b(request.init_b, settings)
     fingerprint = _fingerprint(
         [
             _file_identity(gguf_path),
@@ -459,6 +411,24 @@ def train(
             ckpt_dir=ckpt_dir,
             ledger=ledger,
         )
+
+
+def _load_init_b(path: Path, settings: LoraSettings) -> dict[str, FloatArray]:
+    """The B matrices a fleet run starts from: the fleet's global adapter GGUF (its A must be this
+    round's seeded A) or a fleet delta file of the same seed and rank."""
+    assert settings.ffa_seed is not None
+    if path.suffix == ".gguf":
+        try:
+            b = ffa_b_matrices(read_lora_gguf(path), ffa_seed=settings.ffa_seed)
+        except AdapterError as exc:
+            raise ConfigError(f"--init-b {path}: {exc}") from None
+    else:
+        header, b = read_fleet_delta(path)
+        if header.ffa_seed != settings.ffa_seed:
+            raise ConfigError(f"--init-b {path}: its B matrices are for seed {header.ffa_seed}")
+    if any(m.shape[1] != settings.rank for m in b.values()):
+        raise ConfigError(f"--init-b {path}: its B matrices are not of rank {settings.rank}")
+    return b
 
 
 @contextlib.contextmanager
@@ -519,7 +489,7 @@ def _train_locked(
             log.info("resuming run %s at step %d", run.ledger_run.run_id, run.steps_done)
         else:
             if stop.is_set():
-                raise AgentError(f"stopped before training ({stop.reason})")
+                raise TrainStopped(f"stopped before training ({stop.reason}); nothing was charged")
             now = clock()
             data = dataset_for(now)
             n = len(data.train)
@@ -937,6 +907,7 @@ __all__ = [
     "StopSignal",
     "TrainRequest",
     "TrainResult",
+    "TrainStopped",
     "load_round_spec",
     "lower_priority",
     "train",

@@ -11,8 +11,9 @@ state it left behind:
 - the checkpoint, if present, reads.
 
 Run 0 is never killed: it times a whole run, and later runs are killed at a uniformly random point
-of up to 1.2 times that. Each run's clock is 31 days after the previous one, so each fresh run has the budget to itself; a
-killed run's checkpoint is resumed by the next run under its original charge and data window.
+of up to 1.2 times that. Each run's clock is 31 days after the previous one, so each fresh run has
+the budget to itself; a killed run's checkpoint is resumed by the next run under its original
+charge and data window.
 Writes one JSON line per run to ``--out``.
 """
 
@@ -44,8 +45,8 @@ def check(cfg: Any, progress: Path) -> list[str]:
     trained: dict[str, int] = {}
     if progress.exists():
         for line in progress.read_text().splitlines():
-            run_id, steps = line.split()
-            trained[run_id] = max(trained.get(run_id, 0), int(steps))
+            rid, done = line.split()
+            trained[rid] = max(trained.get(rid, 0), int(done))
     for run_id, steps in trained.items():
         run = state.run(run_id)
         if run is None:
@@ -81,17 +82,17 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
 
-    from agent.config import parse_config
-    from agent.errors import AgentError
-    from agent.train.dataset import ListSource
-    from agent.train.trainer import TrainRequest, train
-    from tests.agent.train.conftest import private_conversations
-
     # What the trainer imports lazily, imported once here (no torch op runs before the forks).
     import gguf  # noqa: F401
     import opacus  # noqa: F401
     import peft  # noqa: F401
     import transformers  # noqa: F401
+
+    from agent.config import parse_config
+    from agent.errors import AgentError
+    from agent.train.dataset import ListSource
+    from agent.train.trainer import TrainRequest, train
+    from tests.agent.train.conftest import private_conversations
 
     cfg = parse_config(json.loads(args.config.read_text()))
     rng = random.Random(args.seed)
@@ -114,11 +115,14 @@ def main() -> None:
                 try:
                     fd = os.open(progress, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
-                    def on_step(run_id: str, steps: int) -> None:
+                    def on_step(run_id: str, steps: int, fd: int = fd) -> None:
                         os.write(fd, f"{run_id} {steps}\n".encode())
                         os.fsync(fd)
 
-                    train(cfg, TrainRequest(), source=source, clock=lambda now=now: now, on_step=on_step)
+                    def clock(now: float = now) -> float:
+                        return now
+
+                    train(cfg, TrainRequest(), source=source, clock=clock, on_step=on_step)
                     code = 0
                 except AgentError as exc:
                     code = exc.exit_code

@@ -70,11 +70,25 @@ def _llama_logits(model_path: Path, tokens: list[int], lora: Path | None) -> np.
         llm.close()
 
 
-@pytest.mark.parametrize("kind", [AdapterKind.PERSONAL, AdapterKind.FLEET])
+@pytest.fixture(scope="module")
+def model_files(demo: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A GGUF per supported architecture: the demo model (llama) and a random tiny qwen2."""
+    from tests.agent.train.qwen2_model import build_qwen2_gguf
+
+    qwen2 = build_qwen2_gguf(demo.f16, tmp_path_factory.mktemp("qwen2") / "qwen2-test.gguf")
+    return {"llama": demo.f16, "qwen2": qwen2}
+
+
+@pytest.mark.parametrize(
+    ("arch", "kind"),
+    [("llama", AdapterKind.PERSONAL), ("llama", AdapterKind.FLEET), ("qwen2", AdapterKind.PERSONAL)],
+)
 def test_llama_cpp_with_the_exported_adapter_matches_peft(
-    demo: Any, prompt: list[int], tmp_path: Path, kind: AdapterKind
+    model_files: dict[str, Path], prompt: list[int], tmp_path: Path, arch: str, kind: AdapterKind
 ) -> None:
-    model, info = load_base_model(gguf_path=demo.f16, base_weights_dir=None)
+    model_path = model_files[arch]
+    model, info = load_base_model(gguf_path=model_path, base_weights_dir=None)
+    assert info.architecture == arch
     settings = LoraSettings(
         kind=kind,
         rank=4,
@@ -94,25 +108,26 @@ def test_llama_cpp_with_the_exported_adapter_matches_peft(
     path = tmp_path / "adapter.gguf"
     write_lora_gguf(path, adapter_file(weights, targets, info, alpha=8.0, name="test"))
 
-    llama_base = _llama_logits(demo.f16, prompt, None)
-    llama_tuned = _llama_logits(demo.f16, prompt, path)
+    llama_base = _llama_logits(model_path, prompt, None)
+    llama_tuned = _llama_logits(model_path, prompt, path)
     effect = np.abs(tuned - base).max()
     assert effect > 1.0  # the adapter matters ...
-    # ... and llama.cpp applies it as peft does (f16 weights: small rounding differences only).
+    # ... and llama.cpp applies it as peft does (f16/f32 weights: small rounding differences only).
     assert np.abs(llama_base - base).max() < 0.02
     assert np.abs(llama_tuned - tuned).max() < 0.02 + 0.01 * effect
     assert (llama_tuned.argmax(-1) == tuned.argmax(-1)).all()
 
-    # Negative control: without llama's q/k rope permutation of B the logits are off.
-    wrong = adapter_file(weights, targets, info, alpha=8.0, name="wrong")
-    unpermuted = {}
-    for name, pair in wrong.pairs.items():
-        heads = {"attn_q": info.n_head, "attn_k": info.n_head_kv}.get(name.split(".")[2])
-        b = rope_unpermute_rows(pair.b, heads) if heads else pair.b
-        unpermuted[name] = LoraPair(a=pair.a, b=b)
-    bad_path = tmp_path / "wrong.gguf"
-    write_lora_gguf(bad_path, LoraAdapterFile("llama", 8.0, unpermuted))
-    assert np.abs(_llama_logits(demo.f16, prompt, bad_path) - tuned).max() > 0.1 * effect
+    if arch == "llama":
+        # Negative control: without llama's q/k rope permutation of B the logits are off.
+        wrong = adapter_file(weights, targets, info, alpha=8.0, name="wrong")
+        unpermuted = {}
+        for name, pair in wrong.pairs.items():
+            heads = {"attn_q": info.n_head, "attn_k": info.n_head_kv}.get(name.split(".")[2])
+            b = rope_unpermute_rows(pair.b, heads) if heads else pair.b
+            unpermuted[name] = LoraPair(a=pair.a, b=b)
+        bad_path = tmp_path / "wrong.gguf"
+        write_lora_gguf(bad_path, LoraAdapterFile("llama", 8.0, unpermuted))
+        assert np.abs(_llama_logits(model_path, prompt, bad_path) - tuned).max() > 0.1 * effect
 
 
 def test_fleet_init_b_round_trips(demo: Any) -> None:
@@ -120,7 +135,7 @@ def test_fleet_init_b_round_trips(demo: Any) -> None:
     settings = LoraSettings(
         kind=AdapterKind.FLEET, rank=4, alpha=8.0, target_modules=ALL_ATTENTION, ffa_seed=3
     )
-    peft_model, targets = attach_lora(model, info, settings)
+    _, targets = attach_lora(model, info, settings)
     rng = np.random.default_rng(0)
     init = {f"{t.gguf_name}.lora_b": rng.normal(size=(t.out_features, 4)).astype(np.float32) for t in targets}
     model2, _ = load_base_model(gguf_path=demo.f16, base_weights_dir=None)
@@ -129,8 +144,9 @@ def test_fleet_init_b_round_trips(demo: Any) -> None:
     assert all(np.array_equal(again[k], init[k]) for k in init)
     trainable = [n for n, p in peft2.named_parameters() if p.requires_grad]
     assert trainable and all("lora_B" in n for n in trainable)  # A is frozen
+    model3, _ = load_base_model(gguf_path=demo.f16, base_weights_dir=None)
     with pytest.raises(AdapterError):
-        attach_lora(model, info, settings, init_b={"nope.lora_b": np.zeros((1, 4), np.float32)})
+        attach_lora(model3, info, settings, init_b={"nope.lora_b": np.zeros((1, 4), np.float32)})
 
 
 def test_write_read_round_trip_and_refusals(tmp_path: Path) -> None:
@@ -170,7 +186,7 @@ def test_rope_permutation_is_llama_cpps_and_transformers_undoes_it() -> None:
     for heads in (1, 2, 4, 8):
         permuted = rope_permute_rows(w, heads)
         assert np.array_equal(rope_unpermute_rows(permuted, heads), w)
-        undone = LlamaTensorProcessor()._reverse_permute_weights(permuted, heads, heads)
+        undone = LlamaTensorProcessor()._reverse_permute_weights(permuted, heads, heads)  # type: ignore[no-untyped-call]
         assert np.array_equal(undone, w)
     with pytest.raises(AdapterError):
         rope_permute_rows(np.zeros((6, 2), np.float32), 4)

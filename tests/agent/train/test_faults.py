@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -68,7 +69,7 @@ def test_sigkill_at_random_points(tmp_path: Path, demo: Any) -> None:
     # Some run continued a killed run's checkpoint under its charge (no new charge, and it finished).
     assert any(
         not r["killed"] and r["ledger_runs"] == prev["ledger_runs"] and prev["killed"]
-        for prev, r in zip(records, records[1:], strict=False)
+        for prev, r in itertools.pairwise(records)
     )
     final = PrivacyLedger(Path(data["paths"]["state_dir"]) / "privacy" / "ledger.json").read()
     statuses = {r.status.value for r in final.runs}

@@ -20,9 +20,11 @@ from agent.train.ledger import (
     PrivacyLedger,
     charge_state,
     finish_state,
-    new_run_id,
-    window_runs,
     historic_window_spend,
+    new_run_id,
+    stored_spend_bound,
+    window_runs,
+    window_spend,
 )
 from agent.train.privacy import Accountant, Budget, Mechanism, RunPlan, plan_run, spend_under
 
@@ -188,10 +190,10 @@ def test_no_sequence_of_runs_and_crashes_overspends(ops: list[tuple[object, ...]
             continue  # the ledger write never happened: no training either (training starts after it)
         run_id = new_run_id()
         try:
-            state, run = charge_state(
+            state, _ = charge_state(
                 state,
                 budget=BUDGET,
-                plan=lambda h, m=mech: fixed_plan(m),
+                plan=lambda h, m=mech: fixed_plan(m),  # type: ignore[misc]
                 adapter=AdapterKind.PERSONAL,
                 now=now,
                 run_id=run_id,
@@ -213,6 +215,10 @@ def test_no_sequence_of_runs_and_crashes_overspends(ops: list[tuple[object, ...]
                 historic_window_spend(state, budget=BUDGET, end=r.charged_at, accountants=RDP).epsilon
                 <= BUDGET.epsilon
             )
+        # ... the daemon's cheap bound (no accountant) is never below the real spend ...
+        bound = stored_spend_bound(state, budget=BUDGET, now=now)
+        if bound is not None:
+            assert bound >= window_spend(state, budget=BUDGET, now=now, accountants=RDP).epsilon
         # ... and the ledger never shows less than was trained.
         for r in state.runs:
             assert r.mechanism.steps >= trained.get(r.run_id, 0)

@@ -52,6 +52,7 @@ HISTORIES = [
 ]
 
 
+@pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
 @pytest.mark.parametrize("history", HISTORIES)
 def test_composition_is_opacus_and_prv_cross_checks_rdp(history: list[tuple[float, float, int]]) -> None:
     mechs = [Mechanism(noise_multiplier=s, sample_rate=q, steps=n) for s, q, n in history]
@@ -73,6 +74,7 @@ def test_composition_beats_the_naive_sum() -> None:
     assert composed < naive
 
 
+@pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
 def test_planned_noise_matches_opacus_get_noise_multiplier() -> None:
     plan = plan_run(
         budget=MODERATE,

@@ -14,11 +14,12 @@ import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from agent.cli import main as cli_main
+from agent.errors import ConfigError
 from agent.generation import ChatMessage, Role
 from agent.store import NewTurn, SqliteStore
 from agent.train.checkpoint import load_checkpoint
 from agent.train.dataset import ListSource
-from agent.train.export import read_lora_gguf
+from agent.train.export import base_in_features, build_ffa_adapter, read_lora_gguf, write_lora_gguf
 from agent.train.ffa import frozen_a
 from agent.train.kinds import AdapterKind, RunStatus
 from agent.train.ledger import LedgerRun, LedgerState, PrivacyLedger
@@ -118,7 +119,7 @@ def test_llama_cpp_loads_the_adapter_and_replies_change(personal: PersonalRun) -
             model_path=str(personal.demo.f16), n_ctx=256, n_threads=2, verbose=False, lora_path=lora
         )
         try:
-            out: Any = llm(prompt, max_tokens=24, temperature=0.0, top_k=1)
+            out: Any = llm(prompt, max_tokens=24, temperature=0.0, top_k=1)  # type: ignore[arg-type]
             return str(out["choices"][0]["text"])
         finally:
             llm.close()
@@ -223,6 +224,44 @@ def test_fleet_run_stops_resumes_under_one_charge_and_keeps_a_frozen(tmp_path: P
         assert np.allclose(delta[f"{name}.lora_b"], pair.b, atol=1e-7)
         assert np.abs(pair.b).max() > 0
 
+    # The fleet client rebuilds the global adapter from B matrices and the seed (here: this device's
+    # update alone); it is exactly the adapter the trainer exported.
+    names = list(adapter.pairs)
+    rebuilt = build_ffa_adapter(
+        architecture="llama",
+        alpha=8.0,
+        ffa_seed=99,
+        b_matrices=delta,
+        in_features=base_in_features(demo.f16, names),
+    )
+    for name in names:
+        assert np.array_equal(rebuilt.pairs[name].a, adapter.pairs[name].a)
+        assert np.allclose(rebuilt.pairs[name].b, adapter.pairs[name].b, atol=1e-7)
+    global_path = tmp_path / "global.gguf"
+    write_lora_gguf(global_path, rebuilt)
+
+    # The next round with the same seed starts from the global B; its update is the change from it.
+    cfg2 = make_config(tmp_path / "next", demo.f16, train={"max_steps": 2})
+    rnd2 = rnd.model_copy(update={"round_id": 6})
+    third = train(
+        cfg2, TrainRequest(adapter=AdapterKind.FLEET, round=rnd2, init_b=global_path), source=source
+    )
+    header2, delta2 = read_fleet_delta(Path(str(third.update_path)))
+    assert header2.init_from == "global.gguf" and header2.round_id == 6
+    local2 = read_lora_gguf(Path(str(third.adapter_path)))
+    for name in names:
+        expected = local2.pairs[name].b - rebuilt.pairs[name].b
+        assert np.allclose(delta2[f"{name}.lora_b"], expected, atol=1e-6)
+    # A global adapter of another seed is refused before anything is charged.
+    with pytest.raises(ConfigError, match="seed"):
+        train(
+            make_config(tmp_path / "other", demo.f16),
+            TrainRequest(
+                adapter=AdapterKind.FLEET, round=rnd.model_copy(update={"ffa_seed": 100}), init_b=global_path
+            ),
+            source=source,
+        )
+
 
 def test_a_run_over_budget_does_not_start(
     tmp_path: Path, demo: Any, capsys: pytest.CaptureFixture[str]
@@ -276,3 +315,44 @@ def _front_door() -> Any:
     from agent.frontdoor import FrontDoor
 
     return next(iter(FrontDoor))
+
+
+def test_sigterm_stops_agent_train_with_a_checkpoint_and_exit_0(
+    tmp_path: Path, demo: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+    import signal
+    import threading
+    import time
+
+    data = config_data(tmp_path, demo.f16, train={"max_steps": 40})
+    cfg = make_config(tmp_path, demo.f16, train={"max_steps": 40})
+    store = SqliteStore(cfg.store_path)
+    for conv in private_conversations(40, seed=4):
+        c = store.create_conversation(source=_front_door(), train_consent=True)
+        store.append_turns(c.id, [NewTurn(role=m.role, content=m.content) for m in conv.messages])
+    store.close()
+    cfg_file = write_config_file(tmp_path / "agent.toml", data)
+    previous = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
+
+    def terminate_once_charged() -> None:
+        deadline = time.monotonic() + 300
+        while not cfg.ledger_path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    killer = threading.Thread(target=terminate_once_charged, daemon=True)
+    killer.start()
+    try:
+        assert cli_main(["train", "--config", str(cfg_file)]) == 0
+    finally:
+        killer.join(timeout=10)
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
+    result = json.loads(capsys.readouterr().out)
+    assert result["status"] == "stopped" and result["reason"] == "signal SIGTERM"
+    assert result["steps_done"] < result["planned_steps"]
+    (run,) = PrivacyLedger(cfg.ledger_path).read().runs
+    assert run.status is RunStatus.STOPPED and run.run_id == result["run_id"]
+    found = load_checkpoint(cfg.train_dir / "personal")
+    assert found is not None and found[0].run_id == run.run_id
