@@ -1,11 +1,11 @@
 """``agent``: the device daemon and its field tools.
 
-    agent run --config FILE        the daemon (systemd runs this)
-    agent chat [MESSAGE]           chat with the running daemon over its socket
-    agent status [--json]          the field diagnostic
-    agent model build-demo         build the small demo GGUF model (cached)
-    agent train                    one private training run (started by the daemon)
-    agent privacy [--json]         the privacy budget and what has left the device
+agent run --config FILE        the daemon (systemd runs this)
+agent chat [MESSAGE]           chat with the running daemon over its socket
+agent status [--json]          the field diagnostic
+agent model build-demo         build the small demo GGUF model (cached)
+agent train                    one private training run (started by the daemon)
+agent privacy [--json]         the privacy budget and what has left the device
 """
 
 from __future__ import annotations

@@ -253,8 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"socket_throughput ratio {ratio:.3f} (target >= {TARGET}) {'OK' if ok else 'MISSED'}")
     if code != 0:
         print(f"bench: agent run exited with {code}", file=sys.stderr)
-        return 1
-    return 0
+        return 2
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

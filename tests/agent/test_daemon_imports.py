@@ -36,5 +36,7 @@ def test_the_daemon_import_closure_has_no_training_stack() -> None:
         f"for m in {DAEMON_MODULES!r}: importlib.import_module(m)\n"
         f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
