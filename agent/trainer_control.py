@@ -174,14 +174,17 @@ class SubprocessTrainerControl:
     async def _watch(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None and proc.stderr is not None
         tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+        saved_on_stop = False
 
         async def read_stderr(stream: asyncio.StreamReader) -> None:
+            nonlocal saved_on_stop
             async for raw in stream:
                 line = raw.decode("utf-8", errors="replace").rstrip()
                 if STEPPING_MARK.search(line):
                     self.stepping = True
                 if self._term_at is not None and STOPPED_MARK in line:
                     self.last_boundary_s = self._monotonic() - self._term_at
+                    saved_on_stop = True
                 tail.append(line)
                 log.debug("trainer: %s", line)
 
@@ -197,8 +200,11 @@ class SubprocessTrainerControl:
         if self._term_at is not None:
             self.last_stop_s = self._monotonic() - self._term_at
             self._term_at = None
+        outcome = classify_exit(rc, parse_status(out))
+        if rc == -signal.SIGTERM and saved_on_stop:
+            outcome = TrainerExit.STOPPED  # it reported its checkpoint before the signal ended it
         run = TrainerRun(
-            outcome=classify_exit(rc, parse_status(out)),
+            outcome=outcome,
             returncode=rc,
             started_at=self._started_at,
             ended_at=self._monotonic(),

@@ -128,7 +128,10 @@ async def run(reps: int, threads: int) -> tuple[list[float], list[float]]:
             await _ttft(chat, 0)  # warm-up
             for n in range(reps):
                 quiet.append(await _ttft(chat, 2 * n + 1))
+                waited = time.monotonic() + 60
                 while clock.sleepers == 0:  # the scheduler is back in its poll wait
+                    if time.monotonic() > waited:
+                        raise RuntimeError("the scheduler did not return to its poll wait")
                     await asyncio.sleep(0.01)
                 clock.advance(61.0)  # idle: the scheduler starts (or resumes) the trainer
                 deadline = time.monotonic() + 300

@@ -56,6 +56,8 @@ def _dropin(base: Path, log: str, *extra: str) -> str:
     python_home = Path(sys.base_prefix).resolve()
     if python_home.is_relative_to("/root") or python_home.is_relative_to("/home"):
         lines += ["ProtectHome=tmpfs", f"BindReadOnlyPaths={python_home}"]
+    if _under_private_tmp(REPO):  # a checkout in /tmp (CI's clone): PrivateTmp= would hide it
+        lines += [f"BindReadOnlyPaths={REPO.resolve()}"]
     return "\n".join([*lines, *extra]) + "\n"
 
 
@@ -77,8 +79,24 @@ def base() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def _under_private_tmp(path: Path) -> bool:
+    real = path.resolve()
+    return real.is_relative_to("/tmp") or real.is_relative_to("/var/tmp")
+
+
+def _unreachable_by_others(path: Path) -> Path | None:
+    """The first directory above ``path`` that the units' user (nobody) cannot enter, if any."""
+    for parent in [*reversed(path.resolve().parents), path.resolve()]:
+        if not parent.stat().st_mode & 0o001:
+            return parent
+    return None
+
+
 @pytest.fixture(scope="module")
 def manager(base: Path) -> Iterator[UserManager]:
+    closed = _unreachable_by_others(REPO)
+    if closed is not None:
+        pytest.skip(f"the checkout is not reachable by the units' user: {closed} has no o+x")
     running = UserManager(base / "manager")
     try:
         running.start()
