@@ -163,6 +163,7 @@ class Daemon:
             if self.load_model:
                 self.notifier.status("loading the model")
                 self._engine = await self._load_engine()
+                await self._attach_personal_adapter()
                 self._chat = ChatService(
                     self._engine,
                     self._store,
@@ -205,6 +206,13 @@ class Daemon:
             await door.check_privacy()  # refuse the fleet broker before telling systemd READY
             self._doors.append(("mqtt_chat", door))
 
+    async def _attach_personal_adapter(self) -> None:
+        """The device's personal adapter, at start and after each completed personal run."""
+        from agent.personal_adapter import personal_adapter_path, swap_in_personal
+
+        if self._engine is not None:
+            await swap_in_personal(self._engine, personal_adapter_path(self.config.adapters_dir))  # type: ignore[arg-type]
+
     def _build_scheduler(self) -> None:
         """The training scheduler (agent/scheduler.py) over this board's sensors, driving the personal
         trainer process (agent/trainer_control.py). Runs when ``scheduler.enabled`` and a model is
@@ -222,7 +230,9 @@ class Daemon:
             log.warning("hardware: %s", warning)
         profile = detection.profile
         self._trainer = SubprocessTrainerControl(
-            config_path=self.config_path, stop_timeout_s=cfg.scheduler.stop_timeout_s
+            config_path=self.config_path,
+            stop_timeout_s=cfg.scheduler.stop_timeout_s,
+            on_completed=self._attach_personal_adapter,
         )
         self._work = PersonalWork(cfg, control=self._trainer)
         self._scheduler = TrainingScheduler(

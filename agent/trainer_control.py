@@ -27,7 +27,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -115,7 +115,10 @@ class SubprocessTrainerControl:
         env: dict[str, str] | None = None,
         stop_timeout_s: float = 10.0,
         monotonic: Callable[[], float] = time.monotonic,
+        on_completed: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        self._on_completed = on_completed
+        """Awaited after a run that completed (the daemon hot-swaps the new personal adapter)."""
         self._config_path = config_path
         self._python = python
         self._extra_args = extra_args
@@ -215,6 +218,8 @@ class SubprocessTrainerControl:
         log.log(level, "trainer exited %d (%s)", rc, run.outcome.value)
         if run.outcome in (TrainerExit.FAILED, TrainerExit.CONFIG_ERROR):
             log.warning("trainer's last lines: %s", " | ".join(tail))
+        if run.outcome is TrainerExit.COMPLETED and self._on_completed is not None:
+            await self._on_completed()
 
     async def wait(self) -> TrainerRun | None:
         """Until the current process (if any) has ended and been recorded."""

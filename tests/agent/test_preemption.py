@@ -76,7 +76,14 @@ async def test_chat_preempts_the_real_trainer_which_resumes_under_one_charge(
 
     clock = ManualClock()
     detection = detect(DESKTOP, override=None)
-    control = SubprocessTrainerControl(config_path=config_file, stop_timeout_s=30.0)
+    completed: list[float] = []
+
+    async def on_completed() -> None:  # the daemon hot-swaps the personal adapter here
+        completed.append(time.monotonic())
+
+    control = SubprocessTrainerControl(
+        config_path=config_file, stop_timeout_s=30.0, on_completed=on_completed
+    )
     scheduler = TrainingScheduler(
         policy=SchedulerPolicy.from_config(cfg.scheduler, detection.profile),
         sensors=board_sensors(detection.profile, root=DESKTOP),
@@ -135,6 +142,7 @@ async def test_chat_preempts_the_real_trainer_which_resumes_under_one_charge(
         await _until(lambda: control.is_running or len(control.runs) > 1, timeout=10, what="a restart")
         run = await control.wait()
         assert run is not None and run.outcome is TrainerExit.COMPLETED, run
+        assert len(completed) == 1  # only the run that completed, not the pre-empted one
         runs = ledger.read().runs
         assert len(runs) == 1, "the resumed run was charged again"
         assert runs[0].status is RunStatus.COMPLETED and runs[0].steps_done == runs[0].mechanism.steps
