@@ -1,5 +1,5 @@
 # ppchat: two commands do all the set-up on a fresh machine.
-#   make demo   builds the venv and the demo model, starts the agent and streams a chat reply
+#   make demo   builds the venv and the demo model, chats with the agent, then runs a federated round
 #   make test   builds the venv and the demo model, runs ruff, mypy and the tests
 SHELL := /bin/bash
 PYTHON ?= $(shell for p in python3.11 python3.12 python3.10 python3; do command -v $$p >/dev/null && { echo $$p; break; }; done)
@@ -20,7 +20,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 .PHONY: demo test lint typecheck pytest bench deps venv model clean help
 
 help:
-	@echo "make demo   - set up, build the demo model, start the agent and chat with it"
+	@echo "make demo   - set up, build the demo model, chat with the agent, run a whole federated round"
 	@echo "make test   - set up, then ruff, mypy and the whole test suite"
 	@echo "make bench  - print the benchmark ratios"
 
@@ -52,6 +52,7 @@ model: venv
 
 demo: model
 	$(BIN)/python -m agent.demo
+	$(BIN)/python -m agent.demo_round
 
 lint: venv
 	$(BIN)/ruff check agent coordinator fleet hardware tests bench

@@ -291,6 +291,11 @@ class SchedulerConfig(Section):
     stop_timeout_s: float = Field(default=10.0, gt=0, le=600)
     """After SIGTERM the trainer stops at its next step boundary; it is killed if still running
     after this long (its last checkpoint stands)."""
+    preempt_freeze_s: float = Field(default=0.5, ge=0, le=5)
+    """On pre-emption the trainer is also frozen (SIGSTOP) for this long, then thawed (SIGCONT) to
+    finish its step, checkpoint and exit: the prompt of the reply that pre-empted it is evaluated
+    without the trainer's step competing for the cores, caches and memory bandwidth (on a Pi the
+    bandwidth is what both are short of). 0: no freeze."""
 
     @model_validator(mode="after")
     def _check_hours(self) -> SchedulerConfig:

@@ -232,6 +232,7 @@ class Daemon:
         self._trainer = SubprocessTrainerControl(
             config_path=self.config_path,
             stop_timeout_s=cfg.scheduler.stop_timeout_s,
+            freeze_s=cfg.scheduler.preempt_freeze_s,
             on_completed=self._attach_personal_adapter,
         )
         self._work = PersonalWork(cfg, control=self._trainer)

@@ -270,6 +270,20 @@ class DemoRound:
         await wait_for(installed, timeout_s, failure=lambda: self._diagnose(group))
         return max(d.client.state.adapter_version or 0 for d in group if d.client)
 
+    async def chat(self, device: Device, question: str, *, max_tokens: int = 48) -> str:
+        """One greedy reply from ``device``'s running engine (with whatever adapter it has on)."""
+        from agent.generation import ChatMessage, GenerationParams, TokenDelta
+
+        if device.engine is None:
+            raise RuntimeError("the device has no engine loaded")
+        stream = device.engine.stream_chat(
+            [ChatMessage(role=ChatRole.USER, content=question)],
+            GenerationParams(max_tokens=max_tokens, temperature=0.0),
+            fairness_key="demo",
+        )
+        parts = [item.text async for item in stream if isinstance(item, TokenDelta)]
+        return "".join(parts).strip()
+
     def _diagnose(self, group: Sequence[Device]) -> str:
         parts = []
         for d in group:
@@ -401,7 +415,14 @@ async def _main(args: argparse.Namespace) -> int:
     )
     try:
         await demo.start()
+        question = "What can you do on this device?"
+        answer = await demo.chat(demo.devices[0], question)
+        print(f"\nchat with device 0 (base model): {question}\n  -> {answer}")
         version = await demo.run_round(timeout_s=args.timeout)
+        print(
+            f"chat with device 0 (global adapter v{version} hot-swapped in, no restart): {question}\n"
+            f"  -> {await demo.chat(demo.devices[0], question)}\n"
+        )
         print("measuring held-out loss with the global adapter on each device ...")
         print(demo.report(await demo.global_losses(version)))
         swapped = [d for d in demo.devices if d.engine is not None and d.engine.adapters]

@@ -4,8 +4,10 @@
 in its own session (``start_new_session=True``: a Ctrl-C in the daemon's terminal does not reach it;
 the trainer lowers its own CPU and IO priority). :meth:`~SubprocessTrainerControl.preempt` sends
 SIGTERM: the trainer stops at its next step boundary, saves a checkpoint and exits 0 with status
-``stopped``; the next start resumes that checkpoint under the same privacy charge. A trainer that
-does not exit within ``stop_timeout_s`` is killed (the checkpoint of its last boundary stands).
+``stopped``; the next start resumes that checkpoint under the same privacy charge. With ``freeze_s``
+it is also frozen (SIGSTOP) for that long and then thawed, so that the reply that pre-empted it has
+the machine to itself while its prompt is evaluated. A trainer that does not exit within
+``stop_timeout_s`` is killed (the checkpoint of its last boundary stands).
 
 :class:`PersonalWork` tells the scheduler whether a personal run is due and roughly how much privacy
 budget is left, without the opacus accountant (which would import torch into the daemon): the
@@ -114,6 +116,7 @@ class SubprocessTrainerControl:
         extra_args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
         stop_timeout_s: float = 10.0,
+        freeze_s: float = 0.0,
         monotonic: Callable[[], float] = time.monotonic,
         on_completed: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
@@ -124,6 +127,8 @@ class SubprocessTrainerControl:
         self._extra_args = extra_args
         self._env = env
         self._stop_timeout_s = stop_timeout_s
+        self._freeze_s = freeze_s
+        """Seconds the trainer is held stopped (SIGSTOP) after the SIGTERM of a pre-emption."""
         self._monotonic = monotonic
         self._proc: asyncio.subprocess.Process | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -236,13 +241,28 @@ class SubprocessTrainerControl:
         self.last_boundary_s = None
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(asyncio.shield(self._watched()), timeout=self._stop_timeout_s)
-        except asyncio.TimeoutError:
-            log.warning("trainer did not stop within %g s: killing it", self._stop_timeout_s)
+            if self._freeze_s > 0:
+                # Frozen at once: the request that pre-empts it gets the cores to itself while its
+                # prompt is evaluated; thawed, the trainer handles the SIGTERM at its step boundary.
+                proc.send_signal(signal.SIGSTOP)
+                asyncio.get_running_loop().call_later(self._freeze_s, self._thaw, proc)
+        # asyncio.wait, not wait_for: before Python 3.12, wait_for swallows a cancellation that
+        # arrives as the awaited exit completes, and the daemon's shutdown then hangs on this task.
+        watcher = self._watcher
+        if watcher is not None:
+            done, _ = await asyncio.wait({watcher}, timeout=self._stop_timeout_s)
+            if done:
+                return
+        log.warning("trainer did not stop within %g s: killing it", self._stop_timeout_s)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await self._watched()
+
+    @staticmethod
+    def _thaw(proc: asyncio.subprocess.Process) -> None:
+        if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await self._watched()
+                proc.send_signal(signal.SIGCONT)
 
     async def _watched(self) -> None:
         if self._watcher is not None:

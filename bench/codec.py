@@ -70,7 +70,7 @@ class _Clock:
         return NOW
 
 
-def _update(layout: dict[str, tuple[int, ...]], rng: np.random.Generator) -> dict[str, np.ndarray]:
+def synthetic_update(layout: dict[str, tuple[int, ...]], rng: np.random.Generator) -> dict[str, np.ndarray]:
     # B-matrix deltas after a few DP-SGD steps: small, dense, roughly Gaussian with uneven rows.
     return {
         name: (rng.standard_normal(shape) * rng.uniform(0.2, 1.0, size=(shape[0], 1)) * 1e-3).astype(
@@ -80,14 +80,16 @@ def _update(layout: dict[str, tuple[int, ...]], rng: np.random.Generator) -> dic
     }
 
 
-def _sealed(
+def sealed_update(
     device: Identity,
     coordinator: Identity,
     update: dict[str, np.ndarray],
     quantization: Quantization,
     round_id: int = 1,
+    *,
+    topk: float = TOPK,
 ) -> bytes:
-    encoded = encode(update, norm_bound=1.0, topk_fraction=TOPK, quantization=quantization)
+    encoded = encode(update, norm_bound=1.0, topk_fraction=topk, quantization=quantization)
     header = UpdateHeader(
         round_id=round_id,
         device_id=device.id,
@@ -96,7 +98,7 @@ def _sealed(
         norm_bound=1.0,
         epsilon=0.8,
         delta=1e-5,
-        codec=CodecParams(quantization=quantization, topk_fraction=TOPK),
+        codec=CodecParams(quantization=quantization, topk_fraction=topk),
         sent_at=NOW,
     )
     return seal_update(header, encoded.data, device=device, coordinator=coordinator.public)
@@ -106,11 +108,16 @@ def size_ratios(coordinator: Identity, device: Identity) -> list[tuple[str, Quan
     rng = np.random.default_rng(0)
     rows = []
     for model in (DEMO, QWEN_05B):
-        update = _update(model.layout(), rng)
+        update = synthetic_update(model.layout(), rng)
         dense = sum(a.nbytes for a in update.values())
         for quantization in Quantization:
             rows.append(
-                (model.name, quantization, dense, len(_sealed(device, coordinator, update, quantization)))
+                (
+                    model.name,
+                    quantization,
+                    dense,
+                    len(sealed_update(device, coordinator, update, quantization)),
+                )
             )
     return rows
 
@@ -120,7 +127,7 @@ def throughput(coordinator: Identity, model: Model, *, seconds: float, devices: 
     identities = [Identity.generate(Role.DEVICE) for _ in range(devices)]
     layout = model.layout()
     sealed = [
-        (identity.id, _sealed(identity, coordinator, _update(layout, rng), Quantization.INT8))
+        (identity.id, sealed_update(identity, coordinator, synthetic_update(layout, rng), Quantization.INT8))
         for identity in identities
     ]
     opener = UpdateOpener(coordinator, _Registry(identities))

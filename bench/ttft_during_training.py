@@ -2,11 +2,14 @@
 
 Side by side in one process: the real engine on the demo model, the ChatService told of requests by
 the real TrainingScheduler (ManualClock, the fake sysfs tree of a desktop on mains), which pre-empts
-the real ``agent train`` subprocess. For each repetition a reply is timed with no trainer, then the
-trainer is started, left to step, and the same request arrives: its first token is timed from the
-request's arrival (so it includes the pre-emption: SIGTERM, the trainer finishing its step).
+the real ``agent train`` subprocess (nice 19, one thread). For each repetition a reply is timed with
+no trainer, then the trainer is started, left to step for two seconds, and a request arrives: its
+first token is timed from the request's arrival, so it includes the pre-emption (the scheduler wakes,
+SIGTERM, the trainer finishing its step and checkpointing while the prompt is evaluated). The reply
+does not wait for the trainer to exit. Every request is a new ~160-token conversation (a few turns
+of history) that differs from its first token on, so no prefix-cache reuse flatters either arm.
 
-    python -m bench.ttft_during_training [--reps 3] [--threads 1]
+    python -m bench.ttft_during_training [--reps 7] [--threads 1]
 
 The ratio is of the medians. Target: ratio <= 1.05 (exit status 1 when missed).
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import statistics
 import sys
 import tempfile
@@ -32,7 +36,7 @@ from agent.generation import ChatMessage, Role
 from agent.protocol import ChatOptions, ChatRequest, DeltaEvent
 from agent.scheduler import SchedulerPolicy, TrainingScheduler
 from agent.store import ConversationStore, NewTurn, SqliteStore
-from agent.trainer_control import PersonalWork, SubprocessTrainerControl
+from agent.trainer_control import PersonalWork, SubprocessTrainerControl, TrainerExit
 from hardware.detect import detect
 from hardware.sensors import board_sensors
 
@@ -47,10 +51,33 @@ class _Never:
         return False
 
 
+HISTORY = (
+    ("Hello, who are you?", "I am the assistant on this device. I answer questions and keep your data here."),
+    ("Can you set a reminder for the plants?", "I can note it here: water the plants on Saturday morning."),
+    ("Do you keep our chats?", "Only on this device. Nothing you say is sent to a server."),
+    ("What happens at night?", "When the board is idle and cool, it may train a small adapter privately."),
+)
+
+
+def conversation(n: int) -> tuple[ChatMessage, ...]:
+    """A realistic prompt (about 200 tokens: a few turns of history and a question), different from
+    the first token on for every request, so that no request reuses another's cached prefix and every
+    first token waits for the whole prompt to be evaluated, as a new conversation's does."""
+    messages = [ChatMessage(role=Role.USER, content=f"Conversation {n}. {HISTORY[0][0]}")]
+    messages.append(ChatMessage(role=Role.ASSISTANT, content=HISTORY[0][1]))
+    for question, answer in HISTORY[1:]:
+        messages += [
+            ChatMessage(role=Role.USER, content=question),
+            ChatMessage(role=Role.ASSISTANT, content=answer),
+        ]
+    messages.append(ChatMessage(role=Role.USER, content=QUESTION))
+    return tuple(messages)
+
+
 async def _ttft(chat: ChatService, n: int) -> float:
     request = ChatRequest(
         id=f"b{n}",
-        messages=(ChatMessage(role=Role.USER, content=QUESTION),),
+        messages=conversation(n),
         options=ChatOptions(max_tokens=8, temperature=0.0),
     )
     t0 = time.perf_counter()
@@ -77,6 +104,7 @@ def _config(tmp: Path, model: Path, threads: int) -> dict[str, dict[str, object]
         "model": {"path": str(model), "n_threads": threads},
         "train": {
             "max_steps": 1000,
+            "epochs": 100.0,  # long enough that every repetition interrupts a running trainer
             "batch_size": 8,
             "max_seq_len": 64,
             "lora_rank": 4,
@@ -110,7 +138,9 @@ async def run(reps: int, threads: int) -> tuple[list[float], list[float]]:
         db.close()
         clock = ManualClock()
         profile = detect(DESKTOP).profile
-        control = SubprocessTrainerControl(config_path=config_file, stop_timeout_s=30.0)
+        control = SubprocessTrainerControl(
+            config_path=config_file, stop_timeout_s=30.0, freeze_s=cfg.scheduler.preempt_freeze_s
+        )
         scheduler = TrainingScheduler(
             policy=SchedulerPolicy.from_config(cfg.scheduler, profile),
             sensors=board_sensors(profile, root=DESKTOP),
@@ -126,7 +156,9 @@ async def run(reps: int, threads: int) -> tuple[list[float], list[float]]:
         busy: list[float] = []
         try:
             await _ttft(chat, 0)  # warm-up
+            print(f"prompt: {engine.count_tokens(conversation(0))} tokens", flush=True)
             for n in range(reps):
+                rep_start = time.monotonic()
                 quiet.append(await _ttft(chat, 2 * n + 1))
                 waited = time.monotonic() + 60
                 while clock.sleepers == 0:  # the scheduler is back in its poll wait
@@ -137,14 +169,21 @@ async def run(reps: int, threads: int) -> tuple[list[float], list[float]]:
                 deadline = time.monotonic() + 300
                 while not (control.is_running and control.stepping):
                     if time.monotonic() > deadline:
-                        raise RuntimeError("the trainer did not start stepping")
+                        raise RuntimeError(f"the trainer did not start stepping; runs: {control.runs}")
                     await asyncio.sleep(0.05)
                 await asyncio.sleep(2.0)  # steps under way
+                if not control.is_running:
+                    raise RuntimeError(f"the trainer ended before the request; runs: {control.runs}")
                 busy.append(await _ttft(chat, 2 * n + 2))
-                await control.wait()
+                run = await control.wait()
+                if run is None or run.outcome is not TrainerExit.STOPPED:
+                    raise RuntimeError(f"the trainer was not pre-empted at a step boundary: {run}")
                 print(
-                    f"rep {n}: quiet {quiet[-1] * 1000:.1f} ms, during training {busy[-1] * 1000:.1f} ms, "
-                    f"trainer stopped in {(control.last_stop_s or 0) * 1000:.0f} ms",
+                    f"rep {n} ({time.monotonic() - rep_start:.0f} s): quiet {quiet[-1] * 1000:.1f} ms, "
+                    f"during training {busy[-1] * 1000:.1f} ms, "
+                    f"trainer at its step boundary {(control.last_boundary_s or 0) * 1000:.0f} ms after "
+                    f"SIGTERM, exited after {(control.last_stop_s or 0) * 1000:.0f} ms "
+                    f"({control.last_run.outcome.value if control.last_run else '-'})",
                     flush=True,
                 )
         finally:
@@ -157,8 +196,12 @@ async def run(reps: int, threads: int) -> tuple[list[float], list[float]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import faulthandler
+
+    faulthandler.dump_traceback_later(1200, exit=True)  # a hang prints where, instead of nothing
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     quiet, busy = asyncio.run(run(args.reps, args.threads))

@@ -81,8 +81,11 @@ async def test_chat_preempts_the_real_trainer_which_resumes_under_one_charge(
     async def on_completed() -> None:  # the daemon hot-swaps the personal adapter here
         completed.append(time.monotonic())
 
-    control = SubprocessTrainerControl(
-        config_path=config_file, stop_timeout_s=30.0, on_completed=on_completed
+    control = SubprocessTrainerControl(  # as the daemon builds it: frozen for a moment, then stopped
+        config_path=config_file,
+        stop_timeout_s=30.0,
+        freeze_s=cfg.scheduler.preempt_freeze_s,
+        on_completed=on_completed,
     )
     scheduler = TrainingScheduler(
         policy=SchedulerPolicy.from_config(cfg.scheduler, detection.profile),

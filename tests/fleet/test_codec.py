@@ -110,7 +110,8 @@ def test_every_sent_update_obeys_the_norm_bound(update: Arrays, residual: Arrays
     shape_seed=st.integers(0, 2**16),
 )
 def test_error_feedback_loses_nothing(rounds: list[Arrays], p: Params, shape_seed: int) -> None:
-    """Over rounds, what was sent plus the final residual equals the sum of the clipped updates."""
+    """Over rounds, what was sent plus the final residual plus what the bound cut off equals the sum of
+    the clipped updates."""
     layout = {name: a.shape for name, a in rounds[0].items()}
     rng = np.random.default_rng(shape_seed)
     inputs = [
@@ -123,13 +124,28 @@ def test_error_feedback_loses_nothing(rounds: list[Arrays], p: Params, shape_see
     for update in inputs:
         encoded = encode(update, residual, **p)
         residual = encoded.residual
-        total_sent = total_sent + _flat(decode(encoded.data))
+        total_sent = total_sent + _flat(decode(encoded.data)) + _flat(encoded.dropped)
         x = _flat(update)
         norm = math.sqrt(float(np.sum(x * x)))
         total_clipped = total_clipped + (x * (p["norm_bound"] / norm) if norm > p["norm_bound"] else x)
     assert residual is not None
     scale = p["norm_bound"] * len(inputs)
     np.testing.assert_allclose(total_sent + _flat(residual), total_clipped, rtol=0, atol=scale * 1e-5)
+
+
+def test_a_device_saturating_the_bound_keeps_a_bounded_residual() -> None:
+    """The same large update every round (a device far from the fleet's average): what the bound cuts
+    off is dropped, so the residual settles instead of growing round after round."""
+    rng = np.random.default_rng(3)
+    update = {"b": (rng.standard_normal((64, 8)) * 5).astype(np.float32)}
+    residual = None
+    norms = []
+    for _ in range(200):
+        encoded = encode(update, residual, norm_bound=1.0, topk_fraction=0.05)
+        residual = encoded.residual
+        norms.append(l2_norm(residual))
+    assert max(norms[100:]) <= 1.05 * max(norms[:100])
+    assert norms[-1] < 20.0  # a few rounds' worth of unsent entries, not 200
 
 
 def test_error_feedback_eventually_sends_everything() -> None:

@@ -114,8 +114,13 @@ def test_llama_cpp_with_the_exported_adapter_matches_peft(
     assert effect > 1.0  # the adapter matters ...
     # ... and llama.cpp applies it as peft does (f16/f32 weights: small rounding differences only).
     assert np.abs(llama_base - base).max() < 0.02
-    assert np.abs(llama_tuned - tuned).max() < 0.02 + 0.01 * effect
-    assert (llama_tuned.argmax(-1) == tuned.argmax(-1)).all()
+    tolerance = 0.02 + 0.01 * effect
+    assert np.abs(llama_tuned - tuned).max() < tolerance
+    # The same next token wherever peft's choice is not a near-tie that rounding may flip.
+    top2 = np.sort(tuned, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * tolerance
+    assert clear.sum() >= len(prompt) // 2
+    assert (llama_tuned.argmax(-1) == tuned.argmax(-1))[clear].all()
 
     if arch == "llama":
         # Negative control: without llama's q/k rope permutation of B the logits are off.
