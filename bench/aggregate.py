@@ -163,6 +163,40 @@ def service_rate(
     return Rate(len(sealed), timer.cpu, timer.wall), closing.wall
 
 
+def open_round(
+    store: Store,
+    coordinator: Identity,
+    devices: list[Identity],
+    *,
+    clock: FixedClock,
+    defaults: RoundDefaults,
+    base_model_sha256: str,
+    ffa_seed: int,
+) -> tuple[RoundManager, RoundSpec]:
+    """Enroll ``devices`` straight into ``store`` and open a round on it, as the service would."""
+    with store.transaction():
+        for i, device in enumerate(devices):
+            store.add_device(
+                device.id,
+                name=f"bench-{i}",
+                signing_pk=device.public.signing,
+                encryption_pk=device.public.encryption,
+                now=0.0,
+            )
+    rounds = RoundManager(
+        store,
+        coordinator,
+        clock=clock,
+        aggregation=AggregationSettings(),
+        max_update_bytes=defaults.max_update_bytes,
+    )
+    spec = rounds.start_round(
+        RoundPlan.from_defaults(defaults, base_model_sha256=base_model_sha256, ffa_seed=ffa_seed)
+    )
+    rounds.sync()
+    return rounds, spec
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=1000)
@@ -175,15 +209,6 @@ def main(argv: list[str] | None = None) -> int:
     clock = FixedClock()
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "coordinator.sqlite3")
-        with store.transaction():
-            for i, device in enumerate(devices):
-                store.add_device(
-                    device.id,
-                    name=f"bench-{i}",
-                    signing_pk=device.public.signing,
-                    encryption_pk=device.public.encryption,
-                    now=0.0,
-                )
         defaults = RoundDefaults(
             min_devices=1,
             target_devices=args.devices,
@@ -191,15 +216,15 @@ def main(argv: list[str] | None = None) -> int:
             topk_fraction=args.topk,
             lora_rank=RANK,
         )
-        rounds = RoundManager(
+        rounds, spec = open_round(
             store,
             coordinator,
+            devices,
             clock=clock,
-            aggregation=AggregationSettings(),
-            max_update_bytes=defaults.max_update_bytes,
+            defaults=defaults,
+            base_model_sha256="0" * 64,
+            ffa_seed=1,
         )
-        spec = rounds.start_round(RoundPlan.from_defaults(defaults, base_model_sha256="0" * 64, ffa_seed=1))
-        rounds.sync()
         sealed = seal_all(spec, devices, coordinator)
         size = sum(len(b) for _, b in sealed) / len(sealed)
         pipeline = pipeline_rate(sealed, coordinator, devices)

@@ -38,10 +38,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from agent.provision import tomlw
-from bench.aggregate import FixedClock, seal_all, service_rate
-from coordinator.aggregate import AggregationSettings
+from bench.aggregate import FixedClock, open_round, seal_all, service_rate
 from coordinator.config import RoundDefaults, load_config
-from coordinator.rounds import RoundManager, RoundPlan
 from coordinator.store import RoundState, Store
 from fleet.acl import BrokerSettings
 from fleet.keys import Identity, Role
@@ -116,11 +114,6 @@ def baseline(spec: RoundSpec, coordinator: Identity, devices: list[Identity], se
     """Wall seconds for the coordinator's receive path and close, in process, no broker."""
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "baseline.sqlite3")
-        with store.transaction():
-            for i, d in enumerate(devices):
-                store.add_device(
-                    d.id, name=f"b-{i}", signing_pk=d.public.signing, encryption_pk=d.public.encryption, now=0
-                )
         clock = FixedClock()
         clock.current = spec.announced_at
         defaults = RoundDefaults(
@@ -130,17 +123,15 @@ def baseline(spec: RoundSpec, coordinator: Identity, devices: list[Identity], se
             lora_rank=spec.lora.rank,
             deadline_s=3600,
         )
-        rounds = RoundManager(
+        rounds, local = open_round(
             store,
             coordinator,
+            devices,
             clock=clock,
-            aggregation=AggregationSettings(),
-            max_update_bytes=defaults.max_update_bytes,
+            defaults=defaults,
+            base_model_sha256=BASE_SHA,
+            ffa_seed=spec.lora.ffa_seed,
         )
-        local = rounds.start_round(
-            RoundPlan.from_defaults(defaults, base_model_sha256=BASE_SHA, ffa_seed=spec.lora.ffa_seed)
-        )
-        rounds.sync()
         rate, _ = service_rate(
             [(d.id, p) for d, p in zip(devices, sealed, strict=True)], store, rounds, local.round_id
         )
