@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -160,32 +161,27 @@ def _start_daemon(config_path: Path, socket_path: Path, log_path: Path) -> subpr
     raise SystemExit("bench: the agent did not start")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="socket tokens/s ÷ raw llama-cpp-python tokens/s")
-    parser.add_argument(
-        "--model", type=Path, default=None, help="GGUF file (default: the demo model, Q4_K_M)"
-    )
-    parser.add_argument(
-        "--threads", type=int, default=None, help="llama.cpp threads (default: physical cores)"
-    )
-    parser.add_argument("--n-ctx", type=int, default=1024)
-    parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--max-tokens", type=int, default=256)
-    args = parser.parse_args(argv)
+@dataclass(frozen=True)
+class Measured:
+    model: str
+    threads: int
+    raw: float
+    agent: float
+    ratio: float
 
+    @property
+    def overhead_us(self) -> float:
+        """What the socket path adds per token, in microseconds."""
+        return (1.0 / self.agent - 1.0 / self.raw) * 1e6 if self.agent and self.raw else float("nan")
+
+
+def measure(model: Path, *, threads: int, n_ctx: int, rounds: int, max_tokens: int) -> Measured | None:
+    """Alternating rounds, raw and through the socket, on ``model``; None if the daemon failed."""
     import llama_cpp
-    import psutil
 
     from agent.engine.llama_backend import LlamaEngine
 
-    threads = args.threads or psutil.cpu_count(logical=False) or 1
-    config = ModelConfig(
-        path=args.model or default_model_path(),
-        n_ctx=args.n_ctx,
-        n_threads=threads,
-        n_threads_batch=threads,
-        n_batch=256,
-    )
+    config = ModelConfig(path=model, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=256)
     messages = [
         ChatMessage(role=Role.SYSTEM, content=config.system_prompt),
         ChatMessage(role=Role.USER, content=QUESTION),
@@ -216,25 +212,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     raw_rates: list[float] = []
     agent_rates: list[float] = []
     ratios: list[float] = []
+    min_tokens = min(MIN_TOKENS, max_tokens)
     try:
         with AgentClient.connect(socket_path, timeout=300.0) as client:
-            raw_run(raw, prompt, max_tokens=args.max_tokens, seed=SEED)  # warm-up, both sides
-            agent_run(client, messages, max_tokens=args.max_tokens, seed=SEED)
+            raw_run(raw, prompt, max_tokens=max_tokens, seed=SEED)  # warm-up, both sides
+            agent_run(client, messages, max_tokens=max_tokens, seed=SEED)
             seed = SEED
-            for i in range(args.rounds):
+            for i in range(rounds):
                 # The agent first; the raw run then decodes as many tokens (its sampler's random
                 # stream differs, and the model may end its turn at a different point).
                 while True:
                     seed += 1
-                    n, a = agent_run(client, messages, max_tokens=args.max_tokens, seed=seed)
-                    if n >= MIN_TOKENS:
+                    n, a = agent_run(client, messages, max_tokens=max_tokens, seed=seed)
+                    if n >= min_tokens:
                         break
                 rn, r = raw_run(raw, prompt, max_tokens=n, seed=seed)
                 raw_rates.append(r)
                 agent_rates.append(a)
                 ratios.append(a / r if r else 0.0)
                 print(
-                    f"round {i + 1}: raw {r:8.1f} tok/s ({rn} tokens)   "
+                    f"  round {i + 1}: raw {r:8.1f} tok/s ({rn} tokens)   "
                     f"socket {a:8.1f} tok/s ({n} tokens)   ratio {ratios[-1]:.3f}",
                     flush=True,
                 )
@@ -243,17 +240,64 @@ def main(argv: Sequence[str] | None = None) -> int:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
         shutil.rmtree(directory, ignore_errors=True)
-    ratio = statistics.median(ratios)
-    print(
-        f"model {settings.path.name}, n_ctx {settings.n_ctx}, n_batch {settings.n_batch}, threads {threads}"
-    )
-    print(f"raw llama-cpp-python: {statistics.median(raw_rates):.1f} tokens/s (median)")
-    print(f"agent socket stream:  {statistics.median(agent_rates):.1f} tokens/s (median)")
-    ok = ratio >= TARGET
-    print(f"socket_throughput ratio {ratio:.3f} (target >= {TARGET}) {'OK' if ok else 'MISSED'}")
     if code != 0:
         print(f"bench: agent run exited with {code}", file=sys.stderr)
-        return 2
+        return None
+    return Measured(
+        model=settings.path.name,
+        threads=threads,
+        raw=statistics.median(raw_rates),
+        agent=statistics.median(agent_rates),
+        ratio=statistics.median(ratios),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="socket tokens/s ÷ raw llama-cpp-python tokens/s")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="one GGUF file to measure (default: the demo model, then the 0.5B-shaped bench model)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="llama.cpp threads (default: physical cores)"
+    )
+    parser.add_argument("--n-ctx", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    args = parser.parse_args(argv)
+
+    import psutil
+
+    threads = args.threads or psutil.cpu_count(logical=False) or 1
+    if args.model is not None:
+        runs = [(args.model, args.rounds, args.max_tokens)]
+    else:
+        from bench._sized_model import ensure_sized_model
+
+        # The demo model for reference (its tokens cost ~0.2 ms: the agent's per-token work shows
+        # up 250x magnified), then a model with a board's real per-token cost, which is judged.
+        runs = [(default_model_path(), args.rounds, args.max_tokens), (ensure_sized_model(), 7, 64)]
+    results: list[Measured] = []
+    for model, rounds, max_tokens in runs:
+        print(f"{model.name}:", flush=True)
+        measured = measure(model, threads=threads, n_ctx=args.n_ctx, rounds=rounds, max_tokens=max_tokens)
+        if measured is None:
+            return 2
+        results.append(measured)
+    for m in results:
+        print(
+            f"{m.model}, threads {m.threads}: raw llama-cpp-python {m.raw:.1f} tokens/s, agent socket "
+            f"{m.agent:.1f} tokens/s (medians); ratio {m.ratio:.3f}; the socket path adds "
+            f"{m.overhead_us:.0f} us per token"
+        )
+    judged = results[-1]
+    ok = judged.ratio >= TARGET
+    print(
+        f"socket_throughput ratio {judged.ratio:.3f} on {judged.model} (target >= {TARGET}) "
+        f"{'OK' if ok else 'MISSED'}"
+    )
     return 0 if ok else 1
 
 
