@@ -8,22 +8,17 @@ directory.
 
 from __future__ import annotations
 
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agent.errors import ConfigError
 from agent.train.kinds import GradSampleMode
 from agent.train.privacy import PRESETS, Accountant, Budget, PrivacyPreset
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 (JetPack 6)
-    import tomli as tomllib
+from fleet.tomlconfig import ConfigFileError, read_toml, validate
 
 DEFAULT_CONFIG_PATH = Path("/etc/ppchat/agent.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/ppchat")
@@ -520,36 +515,12 @@ class AgentConfig(Section):
         return self.adapters_dir / "global"
 
 
-def _resolve_paths(data: Any, base: Path) -> Any:
-    """Resolve relative path strings under keys named ``path``/``*_dir``/``*_path`` against ``base``."""
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            if isinstance(value, str) and (key == "path" or key.endswith(("_dir", "_path"))):
-                p = Path(value).expanduser()
-                out[key] = str(p if p.is_absolute() else (base / p))
-            else:
-                out[key] = _resolve_paths(value, base)
-        return out
-    return data
-
-
-def _format_validation_error(exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        key = ".".join(str(part) for part in err["loc"]) or "(top level)"
-        lines.append(f"{key}: {err['msg']}")
-    return "; ".join(lines)
-
-
 def parse_config(data: dict[str, Any], *, base_dir: Path | None = None) -> AgentConfig:
     """Validate a parsed TOML document into :class:`AgentConfig` or raise :class:`ConfigError`."""
-    if base_dir is not None:
-        data = _resolve_paths(data, base_dir)
     try:
-        return AgentConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(f"invalid configuration: {_format_validation_error(exc)}") from None
+        return validate(AgentConfig, data, base_dir=base_dir)
+    except ConfigFileError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None
 
 
 def load_config(path: Path | None) -> AgentConfig:
@@ -558,14 +529,7 @@ def load_config(path: Path | None) -> AgentConfig:
         return AgentConfig()
     path = Path(path)
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    cfg = parse_config(data, base_dir=path.parent.resolve())
-    return cfg
+        data = read_toml(path)
+    except ConfigFileError as exc:
+        raise ConfigError(str(exc)) from None
+    return parse_config(data, base_dir=path.parent.resolve())

@@ -29,21 +29,16 @@ Example ``/etc/ppchat/coordinator.toml``::
 from __future__ import annotations
 
 import os
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from coordinator.aggregate import AggregationSettings
 from coordinator.errors import ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
+from fleet.tomlconfig import ConfigFileError, read_toml, validate
 
 DEFAULT_CONFIG_PATH = Path("/etc/ppchat/coordinator.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/ppchat-coordinator")
@@ -220,35 +215,12 @@ class CoordinatorConfig(Section):
         return self.paths.state_dir / "broker"
 
 
-def _resolve(value: Any, base: Path) -> Any:
-    """Resolve every relative path-like string under a ``*_file``/``*_dir`` key against ``base``."""
-    if isinstance(value, dict):
-        out = {}
-        for key, item in value.items():
-            if isinstance(item, str) and (key.endswith(("_file", "_dir"))) and not Path(item).is_absolute():
-                out[key] = str(base / item)
-            else:
-                out[key] = _resolve(item, base)
-        return out
-    return value
-
-
-def _format_errors(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
-        parts.append(f"{loc}: {err['msg']}")
-    return "; ".join(parts)
-
-
 def parse_config(data: dict[str, Any], *, base_dir: Path | None = None) -> CoordinatorConfig:
     """Validate a parsed TOML document (paths relative to ``base_dir``)."""
-    if base_dir is not None:
-        data = _resolve(data, base_dir)
     try:
-        return CoordinatorConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc)) from None
+        return validate(CoordinatorConfig, data, base_dir=base_dir)
+    except ConfigFileError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def load_config(path: Path | None = None) -> CoordinatorConfig:
@@ -262,12 +234,7 @@ def load_config(path: Path | None = None) -> CoordinatorConfig:
         else:
             return CoordinatorConfig()
     try:
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        data = read_toml(path)
+    except ConfigFileError as exc:
+        raise ConfigError(str(exc)) from None
     return parse_config(data, base_dir=path.parent.resolve())
