@@ -1,8 +1,9 @@
 """The device's connection to the fleet broker: paho-mqtt 2, MQTT 3.1.1, QoS 1, persistent session.
 
 The client id is the device id and ``clean_session`` is false, so the broker keeps the device's
-subscriptions and queues QoS 1 messages while it is away. Reconnects use exponential backoff with
-jitter. The last will (set again before every connect, so its time is fresh) is the device's signed
+subscriptions and queues QoS 1 messages while it is away. The connection and its reconnects
+(exponential backoff with jitter) are :class:`fleet.mqtt_link.MqttLink`, shared with the coordinator.
+The last will (set again before every connect, so its time is fresh) is the device's signed
 "offline" status, retained. paho's network thread hands messages to the asyncio loop through a queue;
 nothing here decodes a payload (that is :mod:`agent.fleet_client`'s job).
 """
@@ -12,20 +13,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from agent.config import FleetConfig
 from agent.errors import AgentError
+from fleet.mqtt_link import QOS, Endpoint, MqttLink, MqttLinkError
 
 log = logging.getLogger("agent.fleet")
-
-QOS = 1
 
 
 class FleetTransportError(AgentError):
@@ -61,12 +59,6 @@ class FleetTransport(Protocol):
     async def receive(self) -> Received: ...
 
 
-def backoff_delay(attempt: int, *, base_s: float, cap_s: float, rng: random.Random) -> float:
-    """Exponential backoff with jitter: uniform in ``[d/2, d]``, ``d = min(cap, base * 2**attempt)``."""
-    ceiling = min(cap_s, base_s * (2.0 ** min(attempt, 30)))
-    return rng.uniform(ceiling / 2.0, ceiling)
-
-
 def read_password(config: FleetConfig, default_file: Any | None = None) -> str | None:
     path = config.password_path or default_file
     if config.password is not None:
@@ -100,32 +92,34 @@ class PahoTransport:
         self._config = config
         self._will = will
         self._on_connect_hook = on_connect
-        self._rng = rng or random.Random()
         self._filters: list[str] = []
         self._queue: asyncio.Queue[Received] = asyncio.Queue(maxsize=queue_size)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._lost: asyncio.Event | None = None
-        self._was_connected = False
         self.connected = asyncio.Event()
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            clean_session=False,
-            protocol=MQTTProtocolVersion.MQTTv311,
-            reconnect_on_failure=False,
-        )
-        self._client.max_queued_messages_set(0)
-        if username is not None:
-            self._client.username_pw_set(username, password)
-        if config.use_tls or config.tls_cert_path is not None:
-            try:
-                self._client.tls_set(
-                    ca_certs=str(config.tls_ca_path) if config.tls_ca_path else None,
-                    certfile=str(config.tls_cert_path) if config.tls_cert_path else None,
-                    keyfile=str(config.tls_key_path) if config.tls_key_path else None,
-                )
-            except (OSError, ssl.SSLError, ValueError) as exc:
-                raise FleetTransportError(f"cannot set up TLS to the fleet broker: {exc}") from None
+        try:
+            self._link = MqttLink(
+                Endpoint(
+                    host=config.host,
+                    port=config.port,
+                    keepalive_s=config.keepalive_s,
+                    reconnect_min_s=config.reconnect_min_s,
+                    reconnect_max_s=config.reconnect_max_s,
+                    label=f"the fleet broker {config.broker_url}",
+                    tls=config.use_tls,
+                    ca_file=config.tls_ca_path,
+                    cert_file=config.tls_cert_path,
+                    key_file=config.tls_key_path,
+                    username=username,
+                    password=password,
+                ),
+                client_id=client_id,
+                log=log,
+                before_connect=self._set_will,
+                on_lost=self.connected.clear,
+                rng=rng,
+            )
+        except MqttLinkError as exc:
+            raise FleetTransportError(str(exc)) from None
+        self._client = self._link.client
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
@@ -153,48 +147,14 @@ class PahoTransport:
     async def receive(self) -> Received:
         return await self._queue.get()
 
+    def _set_will(self) -> None:
+        """Before every connect: the last will, signed now (its time stays fresh)."""
+        if self._will is not None:
+            topic, payload = self._will()
+            self._client.will_set(topic, payload, qos=QOS, retain=True)
+
     async def run(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        cfg = self._config
-        attempt = 0
-        try:
-            while True:
-                self._lost = asyncio.Event()
-                self._was_connected = False
-                if self._will is not None:
-                    topic, payload = self._will()
-                    self._client.will_set(topic, payload, qos=QOS, retain=True)
-                try:
-                    await asyncio.to_thread(self._client.connect, cfg.host, cfg.port, cfg.keepalive_s)
-                except (OSError, ValueError) as exc:
-                    delay = backoff_delay(
-                        attempt, base_s=cfg.reconnect_min_s, cap_s=cfg.reconnect_max_s, rng=self._rng
-                    )
-                    log.warning(
-                        "fleet broker %s unreachable (%s); retrying in %.1f s", cfg.broker_url, exc, delay
-                    )
-                    attempt += 1
-                    await asyncio.sleep(delay)
-                    continue
-                self._client.loop_start()
-                try:
-                    await self._lost.wait()
-                finally:
-                    self.connected.clear()
-                    await asyncio.to_thread(self._client.loop_stop)
-                if self._was_connected:
-                    attempt = 0
-                delay = backoff_delay(
-                    attempt, base_s=cfg.reconnect_min_s, cap_s=cfg.reconnect_max_s, rng=self._rng
-                )
-                log.warning("lost the fleet broker; reconnecting in %.1f s", delay)
-                attempt += 1
-                await asyncio.sleep(delay)
-        finally:
-            self.connected.clear()
-            if self._client.is_connected():
-                self._client.disconnect()
-            await asyncio.to_thread(self._client.loop_stop)
+        await self._link.run()
 
     def drop(self) -> None:
         """Close the socket without a DISCONNECT (tests: the broker publishes the last will)."""
@@ -205,9 +165,7 @@ class PahoTransport:
     # -- paho callbacks (network thread) ----------------------------------------------------------
 
     def _call(self, fn: Callable[[], None]) -> None:
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(fn)
+        self._link.call_in_loop(fn)
 
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
@@ -215,7 +173,7 @@ class PahoTransport:
         if reason.is_failure:
             log.error("the fleet broker refused the connection: %s", reason)
             return
-        self._was_connected = True
+        self._link.mark_connected()
         log.info(
             "connected to the fleet broker %s (session present: %s)",
             self._config.broker_url,
@@ -234,9 +192,7 @@ class PahoTransport:
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
-        lost = self._lost
-        if lost is not None:
-            self._call(lost.set)
+        self._link.mark_lost()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:

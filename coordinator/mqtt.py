@@ -7,8 +7,9 @@ MQTT 3.1.1 to a real broker with
   broker queued while we were away is delivered when we come back;
 - manual acknowledgements: a received message is acknowledged only after the service processed it
   (stored or refused), so a coordinator that dies in between gets it again;
-- reconnection with exponential backoff and jitter (:func:`backoff_delay`), owned by :meth:`run`;
-- TLS and username/password from :class:`~coordinator.config.BrokerConfig`.
+- reconnection with exponential backoff and jitter, TLS and username/password from
+  :class:`~coordinator.config.BrokerConfig`: the connection itself is :class:`fleet.mqtt_link.MqttLink`,
+  shared with the device.
 
 Paho runs its network loop in its own thread; callbacks hand events to the asyncio loop with
 ``call_soon_threadsafe``. Nothing else crosses threads.
@@ -19,20 +20,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from coordinator.config import BrokerConfig
 from coordinator.errors import BrokerError
+from fleet.mqtt_link import QOS, Endpoint, MqttLink, MqttLinkError
 
 log = logging.getLogger("coordinator.mqtt")
-
-QOS = 1
 
 
 @dataclass(frozen=True)
@@ -81,12 +79,6 @@ class BrokerClient(Protocol):
         ...
 
 
-def backoff_delay(attempt: int, *, base_s: float, cap_s: float, rng: random.Random) -> float:
-    """Exponential backoff with jitter: uniform in ``[d/2, d]`` for ``d = min(cap, base * 2**attempt)``."""
-    ceiling = min(cap_s, base_s * (2.0 ** min(attempt, 30)))
-    return rng.uniform(ceiling / 2.0, ceiling)
-
-
 class PahoBroker:
     """:class:`BrokerClient` over paho-mqtt (see the module doc)."""
 
@@ -99,36 +91,35 @@ class PahoBroker:
         will: tuple[str, bytes] | None = None,
     ) -> None:
         self._config = config
-        self._rng = rng or random.Random()
         self._filters: list[str] = []
         self._queue: asyncio.Queue[BrokerEvent] = asyncio.Queue(maxsize=queue_size)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._lost: asyncio.Event | None = None
-        self._connected_once = False
         self._session_present = False
         self._subscribe_mid: int | None = None
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=config.client_id,
-            clean_session=False,
-            protocol=MQTTProtocolVersion.MQTTv311,
-            reconnect_on_failure=False,
-            manual_ack=True,
-        )
-        self._client.max_queued_messages_set(0)  # unlimited: nothing we publish is dropped while offline
-        password = config.read_password()
-        if config.username is not None:
-            self._client.username_pw_set(config.username, password)
-        if config.use_tls:
-            tls = config.tls
-            try:
-                self._client.tls_set(
-                    ca_certs=str(tls.ca_file) if tls and tls.ca_file else None,
-                    certfile=str(tls.cert_file) if tls and tls.cert_file else None,
-                    keyfile=str(tls.key_file) if tls and tls.key_file else None,
-                )
-            except (OSError, ssl.SSLError, ValueError) as exc:
-                raise BrokerError(f"cannot set up TLS to the broker: {exc}") from exc
+        tls = config.tls
+        try:
+            self._link = MqttLink(
+                Endpoint(
+                    host=config.host,
+                    port=config.port,
+                    keepalive_s=config.keepalive_s,
+                    reconnect_min_s=config.reconnect_min_s,
+                    reconnect_max_s=config.reconnect_max_s,
+                    label=f"the broker {config.url}",
+                    tls=config.use_tls,
+                    ca_file=tls.ca_file if tls else None,
+                    cert_file=tls.cert_file if tls else None,
+                    key_file=tls.key_file if tls else None,
+                    username=config.username,
+                    password=config.read_password() if config.username is not None else None,
+                ),
+                client_id=config.client_id,
+                log=log,
+                manual_ack=True,
+                rng=rng,
+            )
+        except MqttLinkError as exc:
+            raise BrokerError(str(exc)) from exc
+        self._client = self._link.client
         if will is not None:
             self._client.will_set(will[0], will[1], qos=QOS, retain=True)
         self._client.on_connect = self._on_connect
@@ -159,50 +150,12 @@ class PahoBroker:
             self._client.ack(message.mid, message.qos)
 
     async def run(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        cfg = self._config
-        attempt = 0
-        try:
-            while True:
-                self._lost = asyncio.Event()
-                self._connected_once = False
-                try:
-                    await asyncio.to_thread(self._client.connect, cfg.host, cfg.port, cfg.keepalive_s)
-                except (OSError, ValueError) as exc:  # ssl.SSLError and socket errors are OSErrors
-                    delay = backoff_delay(
-                        attempt, base_s=cfg.reconnect_min_s, cap_s=cfg.reconnect_max_s, rng=self._rng
-                    )
-                    log.warning(
-                        "broker %s:%d unreachable (%s); retrying in %.1f s", cfg.host, cfg.port, exc, delay
-                    )
-                    attempt += 1
-                    await asyncio.sleep(delay)
-                    continue
-                self._client.loop_start()
-                try:
-                    await self._lost.wait()
-                finally:
-                    await asyncio.to_thread(self._client.loop_stop)
-                if self._connected_once:
-                    attempt = 0
-                delay = backoff_delay(
-                    attempt, base_s=cfg.reconnect_min_s, cap_s=cfg.reconnect_max_s, rng=self._rng
-                )
-                log.warning("lost the broker connection; reconnecting in %.1f s", delay)
-                attempt += 1
-                await asyncio.sleep(delay)
-        finally:
-            if self._client.is_connected():
-                self._client.disconnect()
-            await asyncio.to_thread(self._client.loop_stop)
+        await self._link.run()
 
     # -- paho callbacks (network thread) -----------------------------------------------------------
 
     def _post(self, event: BrokerEvent) -> None:
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        loop.call_soon_threadsafe(self._enqueue, event)
+        self._link.call_in_loop(lambda: self._enqueue(event))
 
     def _enqueue(self, event: BrokerEvent) -> None:
         try:
@@ -220,7 +173,7 @@ class PahoBroker:
         if reason.is_failure:
             log.error("the broker refused the connection: %s", reason)
             return
-        self._connected_once = True
+        self._link.mark_connected()
         self._session_present = bool(flags.session_present)
         log.info("connected to %s (session present: %s)", self._config.url, flags.session_present)
         if self._filters:
@@ -242,9 +195,7 @@ class PahoBroker:
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
-        loop, lost = self._loop, self._lost
-        if loop is not None and lost is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(lost.set)
+        self._link.mark_lost()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:

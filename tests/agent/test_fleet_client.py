@@ -16,14 +16,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from agent.config import AgentConfig, parse_config
 from agent.demo_round import wait_for
 from agent.fleet_adapter import BaseModelInfo, read_base_model
 from agent.fleet_client import FleetClient, TrainCall, TrainOutcome
-from agent.fleet_transport import PahoTransport, backoff_delay
+from agent.fleet_transport import PahoTransport
 from agent.train.ledger import PrivacyLedger
 from agent.train.update import FleetDeltaHeader, write_fleet_delta
 from coordinator.devices import StoreRegistry, enroll, issue_token
@@ -324,17 +322,6 @@ async def test_last_will_is_a_signed_offline_status(rig: Rig) -> None:
         status = open_device_signed(payload, DeviceStatus, registry=registry)
         if status.state is DeviceState.OFFLINE:
             break
-
-
-@given(
-    attempt=st.integers(min_value=0, max_value=100),
-    base=st.floats(min_value=0.01, max_value=10),
-    cap=st.floats(min_value=10, max_value=100),
-)
-def test_backoff_is_jittered_and_capped(attempt: int, base: float, cap: float) -> None:
-    delay = backoff_delay(attempt, base_s=base, cap_s=cap, rng=random.Random(attempt))
-    ceiling = min(cap, base * 2.0**attempt)
-    assert ceiling / 2 <= delay <= ceiling
 
 
 def test_pinned_coordinator_file_is_used(tmp_path: Path, base: BaseModelInfo) -> None:

@@ -1,4 +1,4 @@
-"""The broker client's pure parts: backoff with jitter."""
+"""The shared MQTT link's pure parts: backoff with jitter (both services reconnect with it)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from coordinator.mqtt import backoff_delay
+from fleet.mqtt_link import backoff_delay
 
 
 @given(st.integers(min_value=0, max_value=10_000), st.integers(min_value=0, max_value=2**32))
