@@ -133,12 +133,14 @@ class ContextSettings:
 
 
 class NativeModel:
-    """A loaded GGUF model (weights mmapped unless told otherwise) and its vocabulary."""
+    """A loaded GGUF model (weights mmapped unless told otherwise, or none with ``vocab_only``) and its
+    vocabulary."""
 
-    def __init__(self, path: Path, *, n_gpu_layers: int, use_mmap: bool) -> None:
+    def __init__(self, path: Path, *, n_gpu_layers: int, use_mmap: bool, vocab_only: bool = False) -> None:
         init_backend()
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        params.vocab_only = vocab_only  # the vocabulary and metadata, no weights (the trainer's tokenizer)
         params.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP if use_mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
         mark = _mark()
         model = llama_cpp.llama_model_load_from_file(str(path).encode("utf-8"), params)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import logging
-import re
 import threading
 import time
 from collections import OrderedDict
@@ -22,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import ModelConfig
-from agent.engine.chat_template import ChatTemplate
 from agent.engine.context_window import fit_messages
 from agent.engine.fair_queue import FairQueue, QueueClosed
 from agent.engine.jobs import CallJob, ChatJob, Job, cancelled_result
@@ -36,6 +34,7 @@ from agent.engine.native import (
     logits_of_last,
 )
 from agent.engine.prefix_cache import PrefixCache, common_prefix_len
+from agent.engine.prompt import PromptFormat
 from agent.engine.text import StopMatcher, Utf8Assembler
 from agent.errors import AdapterError, AgentError, EngineError, ModelError
 from agent.generation import ChatMessage, FinishReason, GenerationResult, ModelInfo, TokenDelta
@@ -49,7 +48,6 @@ _VOCAB_TYPE_SPM = 1
 # evaluation; save the live state before it is overwritten only when that loses at least this many.
 _MIN_RESTORE_GAIN = 8
 _MIN_STASH_LOSS = 8
-_WORD_JOINER = "\u2060"
 _TOKEN_MEMO_SIZE = 16
 
 
@@ -88,9 +86,8 @@ class Worker:
         self._template_override = chat_template
         self.model: NativeModel | None = None
         self.ctx: NativeContext | None = None
-        self.template: ChatTemplate | None = None
+        self.prompt: PromptFormat | None = None
         self.info: ModelInfo | None = None
-        self._special_re: re.Pattern[str] | None = None
         self._token_memo: OrderedDict[str, tuple[int, ...]] = OrderedDict()
         self._memo_lock = threading.Lock()
         self._live: list[int] = []
@@ -174,11 +171,7 @@ class Worker:
             raise ModelError(
                 f"{path}: the GGUF has no tokenizer.chat_template; set model.chat_template in the config"
             )
-        self.template = ChatTemplate(
-            source, bos_token=model.token_text(model.bos), eos_token=model.token_text(model.eos)
-        )
-        specials = sorted(set(model.special_token_texts()), key=len, reverse=True)
-        self._special_re = re.compile("|".join(re.escape(s) for s in specials)) if specials else None
+        self.prompt = PromptFormat(model, source)
         self._truncatable = model.supports_prefix_truncation()
         ftype = model.meta("general.file_type")
         try:
@@ -219,23 +212,10 @@ class Worker:
             self.model = None
 
     # prompts (also called off the worker by count_tokens: template and vocabulary reads only)
-    def sanitize(self, messages: Sequence[ChatMessage]) -> list[ChatMessage]:
-        """Message text that spells a special token (e.g. ``</s>``) is broken up so that it stays text."""
-        pattern = self._special_re
-        if pattern is None:
-            return list(messages)
-        out = []
-        for m in messages:
-            if pattern.search(m.content):
-                content = pattern.sub(lambda mo: mo.group(0)[0] + _WORD_JOINER + mo.group(0)[1:], m.content)
-                out.append(ChatMessage(role=m.role, content=content))
-            else:
-                out.append(m)
-        return out
-
     def render(self, messages: Sequence[ChatMessage]) -> str:
-        assert self.template is not None
-        return self.template.render(self.sanitize(messages))
+        if self.prompt is None:
+            raise EngineError("the engine is closed")
+        return self.prompt.render(messages)
 
     def prompt_tokens(self, messages: Sequence[ChatMessage]) -> list[int]:
         model = self.model
@@ -247,9 +227,8 @@ class Worker:
             if memo is not None:
                 self._token_memo.move_to_end(text)
                 return list(memo)
-        tokens = model.tokenize(text, parse_special=True)
-        if model.add_bos and model.bos >= 0 and (not tokens or tokens[0] != model.bos):
-            tokens.insert(0, model.bos)
+        assert self.prompt is not None
+        tokens = self.prompt.tokens(text)
         with self._memo_lock:
             self._token_memo[text] = tuple(tokens)
             while len(self._token_memo) > _TOKEN_MEMO_SIZE:

@@ -249,15 +249,14 @@ async def test_slow_reader_is_disconnected_and_others_are_undisturbed(
     async with running_chat_socket(chat_engine, short_tmp, socket=SocketConfig(write_timeout_s=0.1)) as cs:
         path = str(cs.path)
 
-        def flood() -> socket.socket:
+        def flood(request_id: str, seed: int) -> socket.socket:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.connect(path)
+            options = {**LONG_REPLY, "max_tokens": 900, "seed": seed}
             s.sendall(
-                json.dumps(
-                    {"id": "slow", "type": "chat", "text": "go", "options": {**LONG_REPLY, "max_tokens": 900}}
-                ).encode()
-                + b"\n"
+                json.dumps({"id": request_id, "type": "chat", "text": "go", "options": options}).encode()
             )
+            s.sendall(b"\n")
             s.setblocking(False)
             ping = b"".join(json.dumps({"id": f"p{i}", "type": "ping"}).encode() + b"\n" for i in range(200))
             try:
@@ -267,20 +266,23 @@ async def test_slow_reader_is_disconnected_and_others_are_undisturbed(
                 pass
             return s
 
-        slow = await asyncio.to_thread(flood)
+        slow = await asyncio.to_thread(flood, "slow", 3)
         try:
             final = await cs.handler.wait_finished("slow", timeout=60)
-            assert isinstance(final, DoneEvent) and final.finish_reason.value == "cancelled"
             for _ in range(200):
                 if cs.server.connections == 0:
                     break
                 await asyncio.sleep(0.05)
-            assert cs.server.connections == 0
-            other = await cs.client()
-            assert last(await other.chat("o", "hello", options=GREEDY)).text
-            await other.close()
+            assert cs.server.connections == 0  # the reader that stopped reading is gone
         finally:
             slow.close()
+        # The reply was cancelled when its reader was dropped, unless the tiny model (2,500 tokens/s)
+        # ended its turn first (test_client_that_disconnects_cancels_its_generation pins the cancel).
+        assert isinstance(final, DoneEvent)
+        assert final.finish_reason.value in ("cancelled", "stop"), final
+        other = await cs.client()
+        assert last(await other.chat("o", "hello", options=GREEDY)).text
+        await other.close()
 
 
 async def test_peer_credentials_are_logged(chat_socket: ChatSocket, caplog: pytest.LogCaptureFixture) -> None:
