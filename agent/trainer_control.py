@@ -249,10 +249,11 @@ class SubprocessTrainerControl:
         # asyncio.wait, not wait_for: before Python 3.12, wait_for swallows a cancellation that
         # arrives as the awaited exit completes, and the daemon's shutdown then hangs on this task.
         watcher = self._watcher
-        if watcher is not None:
-            done, _ = await asyncio.wait({watcher}, timeout=self._stop_timeout_s)
-            if done:
-                return
+        if watcher is None:
+            return
+        done, _ = await asyncio.wait({watcher}, timeout=self._stop_timeout_s)
+        if done:
+            return
         log.warning("trainer did not stop within %g s: killing it", self._stop_timeout_s)
         with contextlib.suppress(ProcessLookupError):
             proc.kill()

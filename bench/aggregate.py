@@ -163,6 +163,19 @@ def service_rate(
     return Rate(len(sealed), timer.cpu, timer.wall), closing.wall
 
 
+def enroll_all(store: Store, devices: list[Identity], *, now: float = 0.0) -> None:
+    """Enroll ``devices`` straight into the coordinator's store, in one transaction."""
+    with store.transaction():
+        for i, device in enumerate(devices):
+            store.add_device(
+                device.id,
+                name=f"bench-{i}",
+                signing_pk=device.public.signing,
+                encryption_pk=device.public.encryption,
+                now=now,
+            )
+
+
 def open_round(
     store: Store,
     coordinator: Identity,
@@ -174,15 +187,7 @@ def open_round(
     ffa_seed: int,
 ) -> tuple[RoundManager, RoundSpec]:
     """Enroll ``devices`` straight into ``store`` and open a round on it, as the service would."""
-    with store.transaction():
-        for i, device in enumerate(devices):
-            store.add_device(
-                device.id,
-                name=f"bench-{i}",
-                signing_pk=device.public.signing,
-                encryption_pk=device.public.encryption,
-                now=0.0,
-            )
+    enroll_all(store, devices)
     rounds = RoundManager(
         store,
         coordinator,

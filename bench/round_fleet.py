@@ -38,7 +38,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from agent.provision import tomlw
-from bench.aggregate import FixedClock, open_round, seal_all, service_rate
+from bench.aggregate import FixedClock, enroll_all, open_round, seal_all, service_rate
 from coordinator.config import RoundDefaults, load_config
 from coordinator.store import RoundState, Store
 from fleet.acl import BrokerSettings
@@ -182,14 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         coordinator_pk = coordinator_identity.public
         devices = [Identity.generate(Role.DEVICE) for _ in range(n)]
         with Store(cfg.store_path) as store:
-            for i, d in enumerate(devices):
-                store.add_device(
-                    d.id,
-                    name=f"sim-{i:04d}",
-                    signing_pk=d.public.signing,
-                    encryption_pk=d.public.encryption,
-                    now=time.time(),
-                )
+            enroll_all(store, devices, now=time.time())
         cli("round", "start", "--min-devices", str(n), "--target-devices", str(n))
 
         watcher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-watcher", clean_session=True)

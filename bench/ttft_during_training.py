@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import statistics
 import sys
 import tempfile
@@ -199,7 +198,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     import faulthandler
 
     faulthandler.dump_traceback_later(1200, exit=True)  # a hang prints where, instead of nothing
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)

@@ -196,11 +196,11 @@ class BrokerSettings:
     persistence_dir: Path | None = Path("/var/lib/mosquitto")
     max_packet_bytes: int = MAX_PACKET_BYTES
     session_expiry: str = "14d"
+    """How long the broker keeps an offline device's session and queued QoS 1 messages."""
     max_queued_messages: int = 100_000
     """Per client session. The coordinator's queue holds every update that arrives faster than it
     acknowledges them (or while it restarts): it must exceed the largest round's target number of
     devices, or Mosquitto drops the excess (bench/round_fleet.py: 1,061 of 3,000 arrived at 1,000)."""
-    """How long the broker keeps an offline device's session and queued QoS 1 messages."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:

@@ -112,7 +112,7 @@ class EncodedUpdate:
     """L2 norm of the fresh update before clipping."""
     sent_norm: float
     nnz: int
-    dropped: dict[str, FloatArray] = field(default_factory=dict)
+    dropped: dict[str, FloatArray]
     """What the scaling of the chosen entries to the bound cut off (zero when it did not bind)."""
 
 

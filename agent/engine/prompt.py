@@ -63,7 +63,12 @@ class PromptFormat:
 
     def render(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> str:
         """The sanitized conversation through the chat template."""
-        return self.template.render(self.sanitize(messages), add_generation_prompt=add_generation_prompt)
+        return self.render_sanitized(self.sanitize(messages), add_generation_prompt=add_generation_prompt)
+
+    def render_sanitized(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool) -> str:
+        """Messages already passed through :meth:`sanitize` (once) through the chat template: for callers
+        that render many prefixes of one conversation (the trainer's assistant-token spans)."""
+        return self.template.render(messages, add_generation_prompt=add_generation_prompt)
 
     def tokens(self, text: str) -> list[int]:
         """``text`` tokenized as a prompt (BOS added when the vocabulary wants it and it is missing)."""

@@ -121,15 +121,15 @@ def _encode_all(tok: ChatTokenizer, messages: Sequence[ChatMessage]) -> tuple[li
     """Tokens of the whole conversation and the assistant-token mask, or None if the template's
     renderings of the prefixes are not prefixes of the whole (then spans cannot be found)."""
     msgs = tok.sanitize(messages)
-    full = tok.render(msgs, add_generation_prompt=False)
+    full = tok.render_sanitized(msgs, add_generation_prompt=False)
     ids = tok.tokens(full)
     targets = [False] * len(ids)
     found = False
     for i, m in enumerate(msgs):
         if m.role is not Role.ASSISTANT:
             continue
-        before = tok.render(msgs[:i], add_generation_prompt=True)
-        through = tok.render(msgs[: i + 1], add_generation_prompt=False)
+        before = tok.render_sanitized(msgs[:i], add_generation_prompt=True)
+        through = tok.render_sanitized(msgs[: i + 1], add_generation_prompt=False)
         if not (full.startswith(before) and full.startswith(through) and len(before) <= len(through)):
             return None
         start = tok.tokens(before)
